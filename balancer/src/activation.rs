@@ -1,0 +1,215 @@
+//! Starting a worker by the systemd socket-activation protocol: its slot's sockets as fd 3..,
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, plus `BALANCER_SLOT` and `NOTIFY_SOCKET`.
+//!
+//! `LISTEN_PID` must be the worker's own pid, which only exists after the fork, and setting the
+//! environment between fork and exec is unsafe in a threaded process. So the child first
+//! execs this binary's hidden `__exec-worker` command, which is single-threaded, sets
+//! `LISTEN_PID` to its pid, and execs the real worker in the same process.
+use std::{
+    env,
+    ffi::{OsStr, OsString},
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+        unix::{fs::PermissionsExt, process::CommandExt},
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use nix::sched::CpuSet;
+
+/// The first inherited descriptor, by the protocol.
+pub const LISTEN_FDS_START: RawFd = 3;
+
+/// The worker command cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Not found.
+    #[error("worker command {0:?} was not found{1}: give a path or install it")]
+    NotFound(OsString, &'static str),
+    /// Found, but not an executable file.
+    #[error("worker command {path:?} is not executable ({why}): fix its mode (chmod +x) or give another command")]
+    NotExecutable {
+        /// Resolved path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Resolves the worker program as `execvp` would and checks that it can be executed.
+pub fn resolve_program(program: &OsStr) -> Result<PathBuf, CommandError> {
+    let as_path = Path::new(program);
+    if as_path.components().count() > 1 || program.as_encoded_bytes().contains(&b'/') {
+        check_executable(as_path)?;
+        return Ok(as_path.to_path_buf());
+    }
+    let path = env::var_os("PATH").unwrap_or_default();
+    for dir in env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            check_executable(&candidate)?;
+            return Ok(candidate);
+        }
+    }
+    Err(CommandError::NotFound(program.to_owned(), " in PATH"))
+}
+
+fn check_executable(path: &Path) -> Result<(), CommandError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|_| CommandError::NotFound(path.as_os_str().to_owned(), ""))?;
+    let why = if meta.is_dir() {
+        Some("it is a directory".to_owned())
+    } else if meta.permissions().mode() & 0o111 == 0 {
+        Some(format!("mode {:o}", meta.permissions().mode() & 0o7777))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(CommandError::NotExecutable {
+            path: path.to_path_buf(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Everything needed to start a slot's worker.
+pub struct WorkerLaunch<'a> {
+    /// The worker program (resolved) and its arguments.
+    pub command: &'a [OsString],
+    /// The slot number.
+    pub slot: u32,
+    /// The slot's sockets, one per listen address.
+    pub sockets: Vec<BorrowedFd<'a>>,
+    /// `LISTEN_FDNAMES`.
+    pub fd_names: &'a str,
+    /// `NOTIFY_SOCKET`.
+    pub notify_socket: &'a str,
+    /// CPUs to pin the worker to.
+    pub cpus: Option<CpuSet>,
+}
+
+/// Forks and starts the worker (through the `__exec-worker` trampoline).
+pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
+    let exe = env::current_exe()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("__exec-worker")
+        .arg("--")
+        .args(launch.command)
+        .env("LISTEN_FDS", launch.sockets.len().to_string())
+        .env("LISTEN_FDNAMES", launch.fd_names)
+        .env("BALANCER_SLOT", launch.slot.to_string())
+        .env("NOTIFY_SOCKET", launch.notify_socket)
+        .env_remove("LISTEN_PID")
+        .stdin(Stdio::null())
+        // The controller's stdout is for its own lines (scripts read them); workers log to stderr.
+        .stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?))
+        .kill_on_drop(false);
+
+    let sources: Vec<RawFd> = launch.sockets.iter().map(|s| s.as_raw_fd()).collect();
+    let n = sources.len() as RawFd;
+    let floor = sources
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(LISTEN_FDS_START + n)
+        + 1;
+    let mut parked = vec![-1 as RawFd; sources.len()];
+    let parent = std::process::id() as libc::pid_t;
+    let cpus = launch.cpus;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (fcntl, dup2, setpgid, prctl, getppid, sched_setaffinity); it allocates nothing, as
+    // `parked` is sized beforehand.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Park every source above the target range first, so that placing fd 3+i can
+            // never overwrite a source still to be placed.
+            for (i, fd) in sources.iter().enumerate() {
+                let p = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor);
+                if p < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                parked[i] = p;
+            }
+            for (i, p) in parked.iter().enumerate() {
+                // dup2 clears FD_CLOEXEC on the target: exactly the fds the worker inherits.
+                if libc::dup2(*p, LISTEN_FDS_START + i as RawFd) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Own process group: a Ctrl-C on the controller's terminal reaches the controller,
+            // which then stops the workers in order.
+            if libc::setpgid(0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // No orphans: the worker dies with the controller, even on SIGKILL. The spawning
+            // thread is the runtime's only thread, which lives as long as the controller.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            if let Some(set) = &cpus {
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
+                    .map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process and execs the worker.
+/// Returns only on failure, with the error to report.
+pub fn exec_worker(command: &[OsString]) -> io::Error {
+    let Some((program, args)) = command.split_first() else {
+        return io::Error::new(io::ErrorKind::InvalidInput, "no worker command");
+    };
+    // SAFETY: this process has not started any thread yet (the trampoline runs before any
+    // runtime), so nothing can read the environment concurrently.
+    unsafe { env::set_var("LISTEN_PID", std::process::id().to_string()) };
+    std::process::Command::new(program).args(args).exec()
+}
+
+/// The `LISTEN_FDNAMES` of a group: one name per listen address (names may not hold ':').
+pub fn fd_names(addresses: usize) -> String {
+    (0..addresses)
+        .map(|i| format!("listen{i}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_programs_like_execvp() {
+        assert!(resolve_program(OsStr::new("sh")).unwrap().is_absolute());
+        assert!(matches!(
+            resolve_program(OsStr::new("no-such-program-balancer")),
+            Err(CommandError::NotFound(..))
+        ));
+        assert!(matches!(
+            resolve_program(OsStr::new("/etc/passwd")),
+            Err(CommandError::NotExecutable { .. })
+        ));
+        assert!(matches!(
+            resolve_program(OsStr::new("/")),
+            Err(CommandError::NotExecutable { .. })
+        ));
+        assert!(matches!(
+            resolve_program(OsStr::new("./no/such")),
+            Err(CommandError::NotFound(..))
+        ));
+    }
+
+    #[test]
+    fn fd_names_have_no_colons_inside() {
+        assert_eq!(fd_names(2), "listen0:listen1");
+    }
+}

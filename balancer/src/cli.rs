@@ -1,0 +1,161 @@
+//! Command-line interface: what each command takes, with the help text operators read.
+use std::{ffi::OsString, net::SocketAddr, time::Duration};
+
+use balancer_common::MAX_SLOTS;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// eBPF-steered SO_REUSEPORT listener balancer with zero-loss worker supervision.
+#[derive(Debug, Parser)]
+#[command(
+    name = "balancer",
+    version,
+    about,
+    long_about = "balancer owns a SO_REUSEPORT group: one listening socket per worker slot on every \
+listen address, kept open for the life of the group. An SK_REUSEPORT eBPF program picks the \
+socket for each new connection (by RX CPU or by flow hash), and a supervisor hands slot i's \
+socket to worker i by systemd socket activation (LISTEN_FDS, fd 3 on) and respawns it on the \
+same socket when it dies, so no queued connection is lost.\n\nNeeds root (CAP_BPF, CAP_NET_ADMIN).",
+    after_help = "Examples:\n  sudo balancer run\n  sudo balancer run --listen 0.0.0.0:80 --workers 8 --policy hash -- /usr/sbin/my-server --socket-activated\n  balancer run --help"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the socket group, load the steering program and supervise the workers.
+    Run(RunArgs),
+    /// The built-in worker: a small HTTP/1.1 server on the sockets it inherits.
+    #[command(
+        long_about = "The built-in worker: a small HTTP/1.1 server on the socket(s) it inherits by \
+socket activation (LISTEN_FDS). It answers every request with `slot=<i> pid=<pid> cpu=<cpu>`, \
+where cpu is SO_INCOMING_CPU of the connection, closes the connection, and tells the controller \
+READY=1 over NOTIFY_SOCKET. `balancer run` uses it when no worker command is given."
+    )]
+    DemoWorker,
+    /// Internal: sets LISTEN_PID to its own pid and execs the worker command.
+    #[command(hide = true, name = "__exec-worker")]
+    ExecWorker {
+        /// The worker command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<OsString>,
+    },
+}
+
+/// Steering policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    /// Keep each connection on the CPU that processed its SYN: CPU k's connections go to the
+    /// slot(s) of CPU k (slot k mod workers when there are fewer workers than CPUs).
+    Cpu,
+    /// Spread connections by flow hash through a 1024-bucket indirection table.
+    Hash,
+}
+
+/// Arguments of `balancer run`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  # the built-in demo worker on 127.0.0.1:8080, one worker per CPU, policy cpu
+  sudo balancer run
+  # any socket-activated server as the worker, on two addresses
+  sudo balancer run --listen 0.0.0.0:8080 --listen [::]:8080 --workers 4 --policy hash -- ./server
+  # a free port, printed on start
+  sudo balancer run --listen 127.0.0.1:0
+
+Worker i gets its slot's socket(s) as fd 3.. with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES,
+BALANCER_SLOT=i and NOTIFY_SOCKET. `kill -USR1 <controller pid>` prints the steering counters.")]
+pub struct RunArgs {
+    /// Address to listen on, IP:PORT or [IPv6]:PORT; repeatable. Port 0 picks a free port.
+    #[arg(
+        long = "listen",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Worker slots (one listening socket per slot and address) [default: online CPUs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_SLOTS as i64))]
+    pub workers: Option<u32>,
+
+    /// How the eBPF program picks a slot for a new connection.
+    #[arg(long, value_enum, default_value_t = Policy::Cpu)]
+    pub policy: Policy,
+
+    /// Accept-queue length of each listening socket (capped by net.core.somaxconn).
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub backlog: u32,
+
+    /// Pin worker i to the CPU(s) whose connections the cpu policy sends to slot i.
+    #[arg(long)]
+    pub pin_workers: bool,
+
+    /// How long a new worker may take to send READY=1 before it is taken as ready anyway.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long workers get to exit after SIGTERM before SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Worker command and arguments [default: this binary's `demo-worker`].
+    #[arg(last = true, value_name = "WORKER_CMD")]
+    pub worker: Vec<OsString>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration such as 500ms, 2s or 1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_are_the_documented_ones() {
+        let cli = Cli::try_parse_from(["balancer", "run"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(args.policy, Policy::Cpu);
+        assert_eq!(args.workers, None);
+        assert_eq!(args.ready_timeout, Duration::from_secs(1));
+        assert!(args.worker.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_fix() {
+        for (args, needle) in [
+            (vec!["--workers", "0"], "0"),
+            (vec!["--workers", "129"], "129"),
+            (vec!["--policy", "random"], "possible values"),
+            (vec!["--listen", "localhost"], "invalid socket address"),
+            (vec!["--ready-timeout", "soon"], "such as 500ms"),
+        ] {
+            let err = Cli::try_parse_from(["balancer", "run"].into_iter().chain(args.clone()))
+                .expect_err("must be rejected");
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn worker_command_follows_double_dash() {
+        let cli = Cli::try_parse_from(["balancer", "run", "--", "srv", "--flag"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            args.worker,
+            vec![OsString::from("srv"), OsString::from("--flag")]
+        );
+    }
+}

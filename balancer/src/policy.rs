@@ -1,0 +1,242 @@
+//! Steering policy: turns the set of live slots into the tables the eBPF program reads.
+//!
+//! Pure computation, no kernel access, so every rule here is unit-tested.
+use std::{fs, io};
+
+use balancer_common::{PolicyKind, Tables, CPU_FANOUT, HASH_BUCKETS, MAX_CPUS, MAX_SLOTS};
+
+use crate::cli::Policy;
+
+impl From<Policy> for PolicyKind {
+    fn from(p: Policy) -> Self {
+        match p {
+            Policy::Cpu => PolicyKind::Cpu,
+            Policy::Hash => PolicyKind::Hash,
+        }
+    }
+}
+
+/// The machine's online CPUs, in id order: position `p` in this list is "CPU number p"
+/// for the slot layout, so holes in the id space (offline CPUs) do not leave slots idle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuLayout {
+    online: Vec<u32>,
+}
+
+impl CpuLayout {
+    /// Reads `/sys/devices/system/cpu/online`.
+    pub fn detect() -> io::Result<Self> {
+        let text = fs::read_to_string("/sys/devices/system/cpu/online")?;
+        Self::parse(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("cannot parse /sys/devices/system/cpu/online: {text:?}"),
+            )
+        })
+    }
+
+    /// Parses the kernel's CPU list format (`0-3,8,10-11`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut online = Vec::new();
+        for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?);
+                    if a > b {
+                        return None;
+                    }
+                    online.extend(a..=b);
+                }
+                None => online.push(part.parse().ok()?),
+            }
+        }
+        online.sort_unstable();
+        online.dedup();
+        (!online.is_empty()).then_some(Self { online })
+    }
+
+    /// A layout with CPUs `0..n` online (for tests and for machines without sysfs).
+    pub fn contiguous(n: u32) -> Self {
+        Self {
+            online: (0..n.max(1)).collect(),
+        }
+    }
+
+    /// Online CPU ids.
+    pub fn online(&self) -> &[u32] {
+        &self.online
+    }
+
+    /// Position of CPU `id` among the online CPUs; an offline id wraps onto an online position
+    /// so that a CPU brought online later still has a row.
+    fn position(&self, id: u32) -> usize {
+        self.online
+            .binary_search(&id)
+            .unwrap_or(id as usize % self.online.len())
+    }
+
+    /// The slots that own the CPU at position `pos` under the cpu policy: with fewer workers than
+    /// CPUs, slot `pos % slots`; with more, every slot `s` with `s % cpus == pos`.
+    fn home_slots(&self, pos: usize, slots: u32) -> Vec<u32> {
+        let cpus = self.online.len();
+        if (slots as usize) <= cpus {
+            vec![(pos % slots as usize) as u32]
+        } else {
+            (0..slots).filter(|s| *s as usize % cpus == pos).collect()
+        }
+    }
+
+    /// The CPUs a worker in `slot` should be pinned to: those whose connections the cpu policy
+    /// sends to it while every slot is live.
+    pub fn pinned_cpus(&self, slot: u32, slots: u32) -> Vec<u32> {
+        self.online
+            .iter()
+            .enumerate()
+            .filter(|(pos, _)| self.home_slots(*pos, slots).contains(&slot))
+            .map(|(_, id)| *id)
+            .collect()
+    }
+}
+
+/// Builds the steering tables for `slots` worker slots of which those with `live[s]` may take
+/// new connections. Every entry names a live slot; if none is live, every slot counts as
+/// live, so connections queue on the sockets for the workers' successors instead of failing.
+pub fn build_tables(layout: &CpuLayout, slots: u32, live: &[bool]) -> Box<Tables> {
+    debug_assert!(slots >= 1 && slots <= MAX_SLOTS);
+    let mut live_slots: Vec<u32> = (0..slots)
+        .filter(|s| live.get(*s as usize).copied().unwrap_or(false))
+        .collect();
+    if live_slots.is_empty() {
+        live_slots = (0..slots).collect();
+    }
+
+    let mut tables = Box::new(Tables {
+        cpu: [0; (MAX_CPUS * CPU_FANOUT) as usize],
+        buckets: [0; HASH_BUCKETS as usize],
+        live: [0; MAX_SLOTS as usize],
+        n_live: live_slots.len() as u32,
+        _pad: 0,
+    });
+
+    for cpu in 0..MAX_CPUS {
+        let pos = layout.position(cpu);
+        let homes: Vec<u32> = layout
+            .home_slots(pos, slots)
+            .into_iter()
+            .filter(|s| live_slots.contains(s))
+            .collect();
+        // A CPU whose own slots are all down spreads its connections over every live slot,
+        // starting at a different one per CPU, rather than piling them onto one neighbour.
+        let row: Vec<u32> = if homes.is_empty() {
+            (0..live_slots.len())
+                .map(|i| live_slots[(pos + i) % live_slots.len()])
+                .collect()
+        } else {
+            homes
+        };
+        let base = (cpu * CPU_FANOUT) as usize;
+        for j in 0..CPU_FANOUT as usize {
+            tables.cpu[base + j] = row[j % row.len()];
+        }
+    }
+    for (b, entry) in tables.buckets.iter_mut().enumerate() {
+        *entry = live_slots[b % live_slots.len()];
+    }
+    for (i, s) in live_slots.iter().enumerate() {
+        tables.live[i] = *s;
+    }
+    tables
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(t: &Tables, cpu: u32) -> &[u32] {
+        let base = (cpu * CPU_FANOUT) as usize;
+        &t.cpu[base..base + CPU_FANOUT as usize]
+    }
+
+    #[test]
+    fn parses_kernel_cpu_lists() {
+        assert_eq!(CpuLayout::parse("0-3\n").unwrap().online(), &[0, 1, 2, 3]);
+        assert_eq!(CpuLayout::parse("0,2-3,8").unwrap().online(), &[0, 2, 3, 8]);
+        assert!(CpuLayout::parse("").is_none());
+        assert!(CpuLayout::parse("3-1").is_none());
+        assert!(CpuLayout::parse("x").is_none());
+    }
+
+    #[test]
+    fn cpu_rows_map_each_cpu_to_its_own_slot() {
+        let layout = CpuLayout::contiguous(4);
+        let t = build_tables(&layout, 4, &[true; 4]);
+        for cpu in 0..4 {
+            assert!(row(&t, cpu).iter().all(|s| *s == cpu), "cpu {cpu}");
+        }
+        // Fewer workers than CPUs: CPU k goes to slot k mod workers.
+        let t = build_tables(&layout, 2, &[true; 2]);
+        assert!(row(&t, 3).iter().all(|s| *s == 1));
+        assert!(row(&t, 2).iter().all(|s| *s == 0));
+    }
+
+    #[test]
+    fn more_workers_than_cpus_spread_within_the_cpu() {
+        let layout = CpuLayout::contiguous(2);
+        let t = build_tables(&layout, 6, &[true; 6]);
+        let mut r0: Vec<u32> = row(&t, 0).to_vec();
+        r0.sort_unstable();
+        r0.dedup();
+        assert_eq!(r0, vec![0, 2, 4]);
+        assert_eq!(layout.pinned_cpus(4, 6), vec![0]);
+        assert_eq!(layout.pinned_cpus(5, 6), vec![1]);
+    }
+
+    #[test]
+    fn a_dead_slot_never_appears_and_its_cpu_spreads() {
+        let layout = CpuLayout::contiguous(4);
+        let live = [true, false, true, true];
+        let t = build_tables(&layout, 4, &live);
+        assert!(t.cpu.iter().all(|s| *s != 1));
+        assert!(t.buckets.iter().all(|s| *s != 1));
+        let mut r1: Vec<u32> = row(&t, 1).to_vec();
+        r1.sort_unstable();
+        r1.dedup();
+        assert_eq!(
+            r1,
+            vec![0, 2, 3],
+            "CPU 1's connections go to every live slot"
+        );
+        assert_eq!(t.n_live, 3);
+        assert_eq!(&t.live[..3], &[0, 2, 3]);
+    }
+
+    #[test]
+    fn hash_buckets_share_evenly() {
+        let layout = CpuLayout::contiguous(2);
+        let t = build_tables(&layout, 4, &[true; 4]);
+        for s in 0..4 {
+            let n = t.buckets.iter().filter(|b| **b == s).count();
+            assert_eq!(n, HASH_BUCKETS as usize / 4);
+        }
+    }
+
+    #[test]
+    fn no_live_slot_keeps_every_slot_queueing() {
+        let layout = CpuLayout::contiguous(2);
+        let t = build_tables(&layout, 2, &[false, false]);
+        assert_eq!(t.n_live, 2);
+        assert!(row(&t, 0).iter().all(|s| *s == 0));
+        assert!(row(&t, 1).iter().all(|s| *s == 1));
+    }
+
+    #[test]
+    fn offline_and_sparse_cpu_ids_keep_slots_busy() {
+        let layout = CpuLayout::parse("0,4").unwrap();
+        let t = build_tables(&layout, 2, &[true; 2]);
+        assert!(
+            row(&t, 4).iter().all(|s| *s == 1),
+            "second online CPU owns slot 1"
+        );
+        assert_eq!(layout.pinned_cpus(1, 2), vec![4]);
+    }
+}

@@ -1,0 +1,134 @@
+//! What the controller prints on stdout: one line per event that scripts wait for, and the
+//! counters table (on SIGUSR1 and on exit). Logs go to stderr.
+use std::io::Write;
+
+use crate::steering::AddressCounters;
+
+/// A slot as the report shows it.
+#[derive(Clone, Debug)]
+pub struct SlotView {
+    /// Worker pid, if one runs.
+    pub pid: Option<u32>,
+    /// starting / ready / backing-off / stopped.
+    pub state: &'static str,
+    /// Times the slot's worker was replaced.
+    pub restarts: u32,
+}
+
+/// Prints one line to stdout and flushes it, so that a reader on a pipe sees it at once.
+pub fn line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
+/// Prints the counters table: one row per address and slot, then a blank line.
+pub fn counters(counters: &[AddressCounters], slots: &[SlotView]) {
+    line(&format_counters(counters, slots));
+}
+
+fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
+    let mut rows = vec![[
+        "ADDRESS",
+        "SLOT",
+        "PID",
+        "STATE",
+        "RESTARTS",
+        "BY-CPU",
+        "BY-HASH",
+        "FALLBACK",
+        "SELECT-ERRORS",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for a in counters {
+        for (slot, c) in a.slots.iter().enumerate() {
+            let view = slots.get(slot);
+            rows.push(vec![
+                a.addr.to_string(),
+                slot.to_string(),
+                view.and_then(|v| v.pid)
+                    .map_or("-".into(), |p| p.to_string()),
+                view.map_or("-", |v| v.state).to_owned(),
+                view.map_or(0, |v| v.restarts).to_string(),
+                c.by_cpu.to_string(),
+                c.by_hash.to_string(),
+                c.fallback.to_string(),
+                c.select_error.to_string(),
+            ]);
+        }
+        let u = &a.unattributed;
+        if u.selected() + u.select_error > 0 {
+            rows.push(vec![
+                a.addr.to_string(),
+                "none".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "0".into(),
+                "0".into(),
+                "0".into(),
+                u.select_error.to_string(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use balancer_common::SlotCounters;
+
+    #[test]
+    fn table_has_a_header_and_a_row_per_slot() {
+        let c = AddressCounters {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            slots: vec![
+                SlotCounters {
+                    by_cpu: 5,
+                    ..Default::default()
+                },
+                SlotCounters::default(),
+            ],
+            unattributed: SlotCounters::default(),
+        };
+        let v = SlotView {
+            pid: Some(42),
+            state: "ready",
+            restarts: 1,
+        };
+        let text = format_counters(&[c], &[v.clone(), v]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("ADDRESS"));
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "127.0.0.1:8080",
+                "0",
+                "42",
+                "ready",
+                "1",
+                "5",
+                "0",
+                "0",
+                "0"
+            ]
+        );
+    }
+}

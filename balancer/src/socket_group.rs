@@ -1,0 +1,188 @@
+//! The reuseport group: one listening socket per worker slot on every listen address, owned by
+//! the controller for the life of the group so that a worker's death never closes one.
+use std::{io, net::SocketAddr, os::fd::AsFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::proc_net;
+
+/// Why the group could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketGroupError {
+    /// Another socket holds the address and does not share it.
+    #[error(
+        "{addr} is held by a socket without SO_REUSEPORT ({holder}): stop that process or choose \
+another --listen address"
+    )]
+    HeldWithoutReuseport {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Who holds it, as far as /proc tells.
+        holder: String,
+    },
+    /// Another process's SO_REUSEPORT sockets are in the same group.
+    #[error(
+        "{addr} already has listening sockets of another process in its SO_REUSEPORT group \
+({holder}): balancer must own the whole group; stop them or choose another --listen address"
+    )]
+    ForeignMembers {
+        /// The bound address.
+        addr: SocketAddr,
+        /// Who else listens there.
+        holder: String,
+    },
+    /// A privileged port without the capability.
+    #[error("binding {addr} was refused: ports below 1024 need CAP_NET_BIND_SERVICE; run as root")]
+    PermissionDenied {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The IP is not one of this machine's.
+    #[error("{addr} is not an address of this machine: choose a local IP (or 0.0.0.0 / [::])")]
+    NotLocal {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The same address given twice.
+    #[error("--listen {addr} is given twice")]
+    Duplicate {
+        /// The repeated address.
+        addr: SocketAddr,
+    },
+    /// Any other socket call failed.
+    #[error("{op} for {addr}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// The listening sockets of one address, index = slot.
+#[derive(Debug)]
+pub struct AddressGroup {
+    /// The bound address (with the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    /// One listening socket per slot.
+    pub sockets: Vec<Socket>,
+}
+
+/// Every listen address's sockets.
+#[derive(Debug)]
+pub struct SocketGroup {
+    /// In `--listen` order.
+    pub addresses: Vec<AddressGroup>,
+}
+
+impl SocketGroup {
+    /// Creates `slots` SO_REUSEPORT listening sockets on each address.
+    pub fn bind(listen: &[SocketAddr], slots: u32, backlog: u32) -> Result<Self, SocketGroupError> {
+        for (i, a) in listen.iter().enumerate() {
+            if listen[..i].contains(a) {
+                return Err(SocketGroupError::Duplicate { addr: *a });
+            }
+        }
+        let addresses = listen
+            .iter()
+            .map(|addr| bind_address(*addr, slots, backlog))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { addresses })
+    }
+
+    /// The sockets of `slot`, one per address, in address order.
+    pub fn slot_sockets(&self, slot: u32) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.addresses
+            .iter()
+            .map(|a| a.sockets[slot as usize].as_fd())
+            .collect()
+    }
+}
+
+fn bind_address(
+    asked: SocketAddr,
+    slots: u32,
+    backlog: u32,
+) -> Result<AddressGroup, SocketGroupError> {
+    let io_err = |op, source| SocketGroupError::Io {
+        op,
+        addr: asked,
+        source,
+    };
+    let mut addr = asked;
+    let mut sockets = Vec::with_capacity(slots as usize);
+    for _ in 0..slots {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(|e| io_err("socket", e))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| io_err("SO_REUSEADDR", e))?;
+        // Must be set before bind: the kernel forms the group at bind time.
+        socket
+            .set_reuse_port(true)
+            .map_err(|e| io_err("SO_REUSEPORT", e))?;
+        if addr.is_ipv6() {
+            // A [::] group must not also swallow IPv4: list 0.0.0.0 separately for that.
+            socket
+                .set_only_v6(true)
+                .map_err(|e| io_err("IPV6_V6ONLY", e))?;
+        }
+        socket
+            .bind(&addr.into())
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EADDRINUSE) => SocketGroupError::HeldWithoutReuseport {
+                    addr: asked,
+                    holder: proc_net::describe_holders(addr),
+                },
+                Some(libc::EACCES) => SocketGroupError::PermissionDenied { addr: asked },
+                Some(libc::EADDRNOTAVAIL) => SocketGroupError::NotLocal { addr: asked },
+                _ => io_err("bind", e),
+            })?;
+        if addr.port() == 0 {
+            // The first socket picked the port; the others must join it there.
+            let local = socket.local_addr().map_err(|e| io_err("getsockname", e))?;
+            addr = local.as_socket().unwrap_or(addr);
+        }
+        socket
+            .listen(backlog.min(i32::MAX as u32) as i32)
+            .map_err(|e| io_err("listen", e))?;
+        sockets.push(socket);
+    }
+    check_no_foreign_members(addr, &sockets)?;
+    Ok(AddressGroup { addr, sockets })
+}
+
+/// A same-user process with SO_REUSEPORT could already listen here; binding then joins its
+/// group, and attaching our program would steal its traffic. Refuse instead.
+fn check_no_foreign_members(addr: SocketAddr, ours: &[Socket]) -> Result<(), SocketGroupError> {
+    let our_inodes: Vec<u64> = ours.iter().filter_map(|s| inode(s).ok()).collect();
+    let foreign: Vec<_> = proc_net::conflicting_listeners(addr)
+        .into_iter()
+        .filter(|l| l.addr == addr && !our_inodes.contains(&l.inode))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let mut holders: Vec<String> = foreign
+        .iter()
+        .flat_map(|l| proc_net::holders(l.inode))
+        .map(|h| h.to_string())
+        .collect();
+    holders.sort();
+    holders.dedup();
+    Err(SocketGroupError::ForeignMembers {
+        addr,
+        holder: if holders.is_empty() {
+            format!("{} socket(s), owner not visible in /proc", foreign.len())
+        } else {
+            holders.join(", ")
+        },
+    })
+}
+
+fn inode(socket: &Socket) -> io::Result<u64> {
+    let st = nix::sys::stat::fstat(socket).map_err(io::Error::from)?;
+    Ok(st.st_ino)
+}

@@ -1,0 +1,378 @@
+//! The steering program: loading it once per listen address, filling its maps, publishing
+//! tables atomically, and reading its counters.
+//!
+//! The kernel only lets a program select sockets of the group it is attached to, so every
+//! listen address gets its own program instance with its own socket array; the tables are
+//! the same for all of them.
+use std::{
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, MapData, MapError, PerCpuArray, ReusePortSockArray},
+    programs::{ProgramError, SkReuseport},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use aya_log::EbpfLogger;
+use balancer_common::{maps, Config, PolicyKind, SlotCounters, Tables, NO_SLOT, PROGRAM_SELECT};
+use log::warn;
+use tokio::io::unix::AsyncFd;
+
+use crate::socket_group::SocketGroup;
+
+/// The object `cargo xtask build` compiled; empty in a plain `cargo build`.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/balancer.bpf.o"));
+
+/// A buffer that just became inactive may still be read by a program run that started
+/// before the switch. Runs take well under a microsecond; waiting this long before writing
+/// into that buffer again makes a torn read impossible in practice.
+const QUIESCE: Duration = Duration::from_millis(2);
+
+/// Why steering could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    /// The binary carries no eBPF object.
+    #[error(
+        "this balancer binary was built without its eBPF program (a plain `cargo build`); \
+build it with `cargo xtask build` (or run `cargo xtask run`)"
+    )]
+    NoObject,
+    /// Missing capabilities.
+    #[error("loading the steering program was refused ({0}): it needs CAP_BPF and CAP_NET_ADMIN; run as root")]
+    NeedsPrivilege(String),
+    /// The kernel lacks the program or map type.
+    #[error(
+        "this kernel does not support SK_REUSEPORT programs with REUSEPORT_SOCKARRAY maps \
+(Linux 4.19+ with CONFIG_BPF_SYSCALL; sk_reuseport/migrate needs 5.14+): {0}"
+    )]
+    Unsupported(String),
+    /// The verifier rejected the program.
+    #[error("the kernel's verifier rejected the steering program: {0}")]
+    Rejected(String),
+    /// The object is not the one this controller was built for.
+    #[error("the embedded eBPF object has no {0}; rebuild with `cargo xtask build`")]
+    Missing(&'static str),
+    /// A map update failed.
+    #[error("{what}: {source}")]
+    Map {
+        /// What was being done.
+        what: String,
+        /// The map error.
+        source: MapError,
+    },
+    /// Attaching to a socket group failed.
+    #[error("attaching the steering program to {addr}: {source}")]
+    Attach {
+        /// The group's address.
+        addr: SocketAddr,
+        /// The program error.
+        source: ProgramError,
+    },
+    /// Loading failed otherwise.
+    #[error("loading the steering program: {0}")]
+    Load(String),
+}
+
+/// One program instance, attached to one address's group.
+struct Instance {
+    addr: SocketAddr,
+    // Held so the program and socket array live as long as the group.
+    _ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    tables: Array<MapData, Tables>,
+    counters: PerCpuArray<MapData, SlotCounters>,
+}
+
+/// Decision counters of one listen address.
+#[derive(Clone, Debug)]
+pub struct AddressCounters {
+    /// The listen address.
+    pub addr: SocketAddr,
+    /// Index = slot.
+    pub slots: Vec<SlotCounters>,
+    /// Decisions no slot could be charged with (the program found no config or tables).
+    pub unattributed: SlotCounters,
+}
+
+/// Fails unless this binary carries a real eBPF object (checked before anything is bound).
+pub fn check_object() -> Result<(), SteeringError> {
+    if OBJECT.len() < 4 || &OBJECT[..4] != b"\x7fELF" {
+        return Err(SteeringError::NoObject);
+    }
+    Ok(())
+}
+
+/// The loaded, attached steering programs of a socket group.
+pub struct Steering {
+    instances: Vec<Instance>,
+    slots: u32,
+    active: u32,
+    switched_at: Option<Instant>,
+}
+
+impl Steering {
+    /// Loads one program instance per address, fills its socket array (index = slot), publishes
+    /// `tables` under `policy`, and only then attaches it, so that the program never runs on
+    /// empty maps. Must run inside the tokio runtime (eBPF log lines are read by a task).
+    pub fn attach(
+        group: &SocketGroup,
+        slots: u32,
+        policy: PolicyKind,
+        tables: &Tables,
+    ) -> Result<Self, SteeringError> {
+        check_object()?;
+        let mut instances = Vec::with_capacity(group.addresses.len());
+        for address in &group.addresses {
+            let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(classify_ebpf)?;
+            match EbpfLogger::init(&mut ebpf) {
+                // The task owns the logger: dropping it would close the log map.
+                Ok(logger) => spawn_log_forwarder(logger),
+                Err(e) => warn!("eBPF log lines will not be shown: {e}"),
+            }
+            let take = |ebpf: &mut Ebpf, name: &'static str| {
+                ebpf.take_map(name).ok_or(SteeringError::Missing(name))
+            };
+            let map_err = |what: &str| {
+                let what = format!("{what} ({})", address.addr);
+                move |source| SteeringError::Map { what, source }
+            };
+            let mut sockets: ReusePortSockArray<MapData> = take(&mut ebpf, maps::SOCKETS)?
+                .try_into()
+                .map_err(map_err("socket array"))?;
+            let config = take(&mut ebpf, maps::CONFIG)?
+                .try_into()
+                .map_err(map_err("config map"))?;
+            let tables_map = take(&mut ebpf, maps::TABLES)?
+                .try_into()
+                .map_err(map_err("tables map"))?;
+            let counters = take(&mut ebpf, maps::COUNTERS)?
+                .try_into()
+                .map_err(map_err("counters map"))?;
+            for (slot, socket) in address.sockets.iter().enumerate() {
+                sockets
+                    .set(slot as u32, socket, 0)
+                    .map_err(map_err(&format!("publishing slot {slot}'s socket")))?;
+            }
+            let program: &mut SkReuseport = ebpf
+                .program_mut(PROGRAM_SELECT)
+                .ok_or(SteeringError::Missing("select program"))?
+                .try_into()
+                .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
+            program.load().map_err(classify_program)?;
+            // The socket array only keeps socket references; the map fd itself may go.
+            drop(sockets);
+            instances.push(Instance {
+                addr: address.addr,
+                _ebpf: ebpf,
+                config,
+                tables: tables_map,
+                counters,
+            });
+        }
+        let mut steering = Self {
+            instances,
+            slots,
+            active: 1,
+            switched_at: None,
+        };
+        steering.write(policy, tables)?;
+        for (instance, address) in steering.instances.iter_mut().zip(&group.addresses) {
+            let program: &mut SkReuseport = instance
+                ._ebpf
+                .program_mut(PROGRAM_SELECT)
+                .ok_or(SteeringError::Missing("select program"))?
+                .try_into()
+                .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
+            program
+                .attach(&address.sockets[0])
+                .map_err(|source| SteeringError::Attach {
+                    addr: address.addr,
+                    source,
+                })?;
+        }
+        Ok(steering)
+    }
+
+    /// Publishes new tables: written whole into the inactive buffer, then made active by one
+    /// write of the config entry, so no selection ever sees a half-written table.
+    pub async fn publish(
+        &mut self,
+        policy: PolicyKind,
+        tables: &Tables,
+    ) -> Result<(), SteeringError> {
+        if let Some(at) = self.switched_at {
+            let wait = QUIESCE.saturating_sub(at.elapsed());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        self.write(policy, tables)
+    }
+
+    fn write(&mut self, policy: PolicyKind, tables: &Tables) -> Result<(), SteeringError> {
+        let next = 1 - self.active;
+        for i in &mut self.instances {
+            i.tables
+                .set(next, tables, 0)
+                .map_err(|source| SteeringError::Map {
+                    what: format!("writing tables ({})", i.addr),
+                    source,
+                })?;
+        }
+        let config = Config {
+            policy: policy as u32,
+            active: next,
+        };
+        for i in &mut self.instances {
+            i.config
+                .set(0, config, 0)
+                .map_err(|source| SteeringError::Map {
+                    what: format!("switching tables ({})", i.addr),
+                    source,
+                })?;
+        }
+        self.active = next;
+        self.switched_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Reads and sums the per-CPU decision counters of every address.
+    pub fn counters(&self) -> Result<Vec<AddressCounters>, SteeringError> {
+        self.instances
+            .iter()
+            .map(|i| {
+                let read = |index: u32| -> Result<SlotCounters, SteeringError> {
+                    let per_cpu =
+                        i.counters
+                            .get(&index, 0)
+                            .map_err(|source| SteeringError::Map {
+                                what: format!("reading counters ({})", i.addr),
+                                source,
+                            })?;
+                    let mut sum = SlotCounters::default();
+                    per_cpu.iter().for_each(|c| sum.add(c));
+                    Ok(sum)
+                };
+                Ok(AddressCounters {
+                    addr: i.addr,
+                    slots: (0..self.slots).map(read).collect::<Result<_, _>>()?,
+                    unattributed: read(NO_SLOT)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Detaches the program from every group (before the sockets close on shutdown).
+    pub fn detach(&self, group: &SocketGroup) {
+        for address in &group.addresses {
+            if let Err(e) = SkReuseport::detach(&address.sockets[0]) {
+                warn!("detaching the steering program from {}: {e}", address.addr);
+            }
+        }
+    }
+}
+
+fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and unchanged until the
+    // logger is dropped, and the AsyncFd owns the logger.
+    let mut fd =
+        match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("eBPF log lines will not be shown: {e}");
+                return;
+            }
+        };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+fn io_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn classify_ebpf(e: EbpfError) -> SteeringError {
+    match io_errno(&e) {
+        Some(libc::EPERM | libc::EACCES) => SteeringError::NeedsPrivilege(e.to_string()),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => {
+            SteeringError::Unsupported(format_chain(&e))
+        }
+        _ => SteeringError::Load(format_chain(&e)),
+    }
+}
+
+fn classify_program(e: ProgramError) -> SteeringError {
+    match &e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => match io_error.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => SteeringError::NeedsPrivilege(io_error.to_string()),
+            Some(libc::EINVAL) if verifier_log.to_string().trim().is_empty() => {
+                SteeringError::Unsupported(io_error.to_string())
+            }
+            _ => SteeringError::Rejected(e.to_string()),
+        },
+        _ => SteeringError::Load(format_chain(&e)),
+    }
+}
+
+fn format_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binary_without_its_object_refuses_to_start() {
+        // Unit tests build without BALANCER_EBPF_OBJ unless xtask passes it; either way the
+        // check must agree with what is embedded.
+        let real = OBJECT.starts_with(b"\x7fELF");
+        assert_eq!(check_object().is_ok(), real);
+        if !real {
+            assert!(check_object()
+                .unwrap_err()
+                .to_string()
+                .contains("cargo xtask build"));
+        }
+    }
+
+    #[test]
+    fn errno_is_found_through_the_error_chain() {
+        let e = SteeringError::Load("x".into());
+        assert_eq!(io_errno(&e), None);
+        let e = ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(libc::EPERM),
+            verifier_log: Default::default(),
+        };
+        assert!(matches!(
+            classify_program(e),
+            SteeringError::NeedsPrivilege(_)
+        ));
+    }
+}

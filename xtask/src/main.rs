@@ -1,0 +1,309 @@
+//! `cargo xtask`: installs the eBPF toolchain, builds the program and the controller, runs the
+//! balancer and runs the whole test suite.
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Build, setup and test tasks for balancer.
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF program needs (idempotent): nightly rust-src, LLVM 22, bpf-linker 0.13.
+    Setup,
+    /// Build the eBPF object and the `balancer` binary that embeds it.
+    Build {
+        /// Optimised controller build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up and build if needed, then `balancer run ARGS` as root (via sudo when not root).
+    Run {
+        /// Optimised controller build.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `balancer run` [default: the demo worker on 127.0.0.1:8080, one worker per CPU, policy cpu].
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests (as root).
+    Test,
+}
+
+const BPF_TARGET: &str = "bpfel-unknown-none";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const LLVM_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup(),
+        Task::Build { release } => setup().and_then(|()| build(release).map(drop)),
+        Task::Run { release, args } => setup().and_then(|()| run(release, args)),
+        Task::Test => setup().and_then(|()| test()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+/// Runs a command, failing with its command line when it fails.
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs only what is missing, saying what it does.
+fn setup() -> Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        step("installing the nightly toolchain (the eBPF program needs -Z build-std)");
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context(
+            "the eBPF build needs a nightly toolchain: run `rustup toolchain install nightly`",
+        )?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        step("installing rust-src for nightly (to build core for the BPF target)");
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if linker.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists()
+        || !Path::new(LLVM_PREFIX).join("lib/libPolly.a").exists()
+    {
+        install_llvm()?;
+    }
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
+    sh(Command::new("cargo")
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))
+    .context("installing bpf-linker")?;
+    Ok(())
+}
+
+fn install_llvm() -> Result<()> {
+    let apt = Path::new("/usr/bin/apt-get").exists();
+    if !apt || !is_root() {
+        bail!(
+            "bpf-linker needs LLVM 22, which is not installed, and this {} cannot install it. Run:\n  \
+sudo apt-get update\n  sudo apt-get install -y {}\n  LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker \
+--version {BPF_LINKER_VERSION} --no-default-features --features llvm-22\nthen `cargo xtask setup` again",
+            if apt { "non-root user" } else { "system (no apt-get)" },
+            LLVM_PACKAGES.join(" ")
+        );
+    }
+    step(&format!(
+        "installing {} with apt-get",
+        LLVM_PACKAGES.join(" ")
+    ));
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq"])
+        .args(LLVM_PACKAGES))
+}
+
+/// The controller's target directory (honours CARGO_TARGET_DIR like cargo does).
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root_dir().join("target"))
+}
+
+/// Builds the eBPF object; returns its path.
+fn build_ebpf() -> Result<PathBuf> {
+    step("building the eBPF program");
+    let target = target_dir().join("bpf");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root_dir().join("balancer-ebpf"))
+        .args(["+nightly", "build", "--release", "--target", BPF_TARGET])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(&target)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
+        );
+    // The outer (stable) cargo's settings must not leak into the nightly build.
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    sh(&mut cmd)?;
+    Ok(target.join(BPF_TARGET).join("release").join("balancer"))
+}
+
+/// Builds the eBPF object and the controller with it embedded; returns the binary's path.
+fn build(release: bool) -> Result<PathBuf> {
+    let object = build_ebpf()?;
+    step("building the controller");
+    let mut cmd = cargo_with_object(&object);
+    cmd.args(["build", "-p", "balancer"]);
+    if release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)?;
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("balancer"))
+}
+
+fn cargo_with_object(object: &Path) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root_dir()).env("BALANCER_EBPF_OBJ", object);
+    cmd
+}
+
+fn run(release: bool, args: Vec<OsString>) -> Result<()> {
+    let binary = build(release)?;
+    let mut cmd = if is_root() {
+        Command::new(&binary)
+    } else if Path::new("/usr/bin/sudo").exists() {
+        step("balancer needs root (CAP_BPF): running it with sudo");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&binary);
+        c
+    } else {
+        bail!(
+            "balancer needs root (CAP_BPF) and sudo is not installed: run {} run as root",
+            binary.display()
+        );
+    };
+    cmd.arg("run").args(args);
+    // Become the balancer, so that Ctrl-C and SIGTERM reach it directly.
+    Err(cmd.exec()).with_context(|| format!("executing {}", binary.display()))
+}
+
+fn test() -> Result<()> {
+    let root = root_dir();
+    let object = build_ebpf()?;
+    step("cargo fmt --check");
+    sh(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"]))?;
+    sh(Command::new("cargo")
+        .current_dir(root.join("balancer-ebpf"))
+        .args(["+nightly", "fmt", "--check"])
+        .env_remove("RUSTUP_TOOLCHAIN"))?;
+    step("cargo clippy -D warnings");
+    sh(cargo_with_object(&object).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("unit tests");
+    sh(cargo_with_object(&object).args(["test", "--workspace", "--exclude", "balancer-tests"]))?;
+    step("building the controller for the integration tests");
+    let mut b = cargo_with_object(&object);
+    sh(b.args(["build", "-p", "balancer"]))?;
+    let binary = target_dir().join("debug").join("balancer");
+    step("privileged integration tests (real sockets, real eBPF, real workers)");
+    let mut cmd = cargo_with_object(&object);
+    cmd.env("BALANCER_BIN", &binary)
+        .args(["test", "-p", "balancer-tests"]);
+    if !is_root() {
+        if !Path::new("/usr/bin/sudo").exists() {
+            bail!("the integration tests load eBPF and need root; sudo is not installed: run `cargo xtask test` as root");
+        }
+        // Cargo builds as this user; only the test binaries run as root.
+        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    sh(&mut cmd)
+}
