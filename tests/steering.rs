@@ -1,1 +1,160 @@
+//! Steering against the real kernel: the cpu and hash policies, IPv6, several addresses.
+use std::{collections::HashMap, thread};
 
+use balancer_tests::{get, online_cpus, pin_thread, Answer, Balancer};
+
+const PER_CPU: usize = 200;
+
+#[test]
+fn cpu_policy_keeps_every_connection_on_its_cpu() {
+    let cpus = online_cpus();
+    let n = cpus.len();
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "cpu",
+        "--workers",
+        &n.to_string(),
+        "--pin-workers",
+    ]);
+    let addr = b.addrs[0];
+    let answers: Vec<(u32, Vec<Answer>)> = cpus
+        .iter()
+        .map(|&cpu| {
+            thread::spawn(move || {
+                pin_thread(cpu);
+                let answers = (0..PER_CPU)
+                    .map(|i| get(addr).unwrap_or_else(|e| panic!("cpu {cpu} connection {i}: {e}")))
+                    .collect();
+                (cpu, answers)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+
+    let mut worker_of_slot = HashMap::new();
+    for (pos, (cpu, answers)) in answers.iter().enumerate() {
+        for a in answers {
+            // One worker per CPU: CPU at position p of the online list owns slot p.
+            assert_eq!(
+                a.slot, pos as u32,
+                "connection from CPU {cpu} went to slot {}",
+                a.slot
+            );
+            assert_eq!(
+                a.cpu, *cpu,
+                "SO_INCOMING_CPU of a connection made on CPU {cpu}"
+            );
+            assert_eq!(*worker_of_slot.entry(a.slot).or_insert(a.pid), a.pid);
+        }
+    }
+    // --pin-workers: worker p runs on CPU p only.
+    for (pos, cpu) in cpus.iter().enumerate() {
+        let pid = worker_of_slot[&(pos as u32)];
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        assert_eq!(allowed, cpu.to_string(), "affinity of slot {pos}'s worker");
+    }
+
+    let (status, rows) = b.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(rows.len(), n);
+    for r in &rows {
+        assert_eq!(
+            r.by_cpu, PER_CPU as u64,
+            "eBPF counters of slot {}: {r:?}",
+            r.slot
+        );
+        assert_eq!((r.by_hash, r.fallback, r.select_errors), (0, 0, 0), "{r:?}");
+    }
+}
+
+#[test]
+fn hash_policy_spreads_connections_over_all_slots() {
+    const SLOTS: usize = 4;
+    const CONNS: usize = 4000;
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "hash",
+        "--workers",
+        &SLOTS.to_string(),
+    ]);
+    let addr = b.addrs[0];
+    let mut seen = [0u64; SLOTS];
+    for i in 0..CONNS {
+        let a = get(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        seen[a.slot as usize] += 1;
+    }
+    let (status, rows) = b.stop();
+    assert!(status.success());
+    let share = CONNS as f64 / SLOTS as f64;
+    for r in &rows {
+        let got = seen[r.slot as usize];
+        // The workers' own count and the program's count agree exactly.
+        assert_eq!(r.by_hash, got, "slot {}: {r:?}", r.slot);
+        assert_eq!((r.by_cpu, r.fallback, r.select_errors), (0, 0, 0));
+        // Binomial spread: sd ≈ 27 connections; ±20 % of the share is > 7 sd.
+        let dev = (got as f64 - share).abs() / share;
+        assert!(
+            dev <= 0.20,
+            "slot {} got {got} of {CONNS} (share {share}): {seen:?}",
+            r.slot
+        );
+    }
+    println!("hash spread over {SLOTS} slots, {CONNS} connections: {seen:?}");
+}
+
+#[test]
+fn ipv6_and_two_listen_addresses_share_the_slots() {
+    const CONNS: usize = 400;
+    let b = Balancer::start(&[
+        "--listen",
+        "[::1]:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "hash",
+        "--workers",
+        "2",
+    ]);
+    assert!(
+        b.addrs[0].is_ipv6() && b.addrs[1].is_ipv4(),
+        "{:?}",
+        b.addrs
+    );
+    let mut pid_of_slot: HashMap<u32, u32> = HashMap::new();
+    let mut per_addr = Vec::new();
+    for addr in b.addrs.clone() {
+        let mut seen = [0u64; 2];
+        for i in 0..CONNS {
+            let a = get(addr).unwrap_or_else(|e| panic!("{addr} connection {i}: {e}"));
+            seen[a.slot as usize] += 1;
+            // The same worker serves its slot on both addresses: it got both sockets.
+            assert_eq!(*pid_of_slot.entry(a.slot).or_insert(a.pid), a.pid);
+        }
+        assert!(seen.iter().all(|s| *s > 0), "{addr}: {seen:?}");
+        per_addr.push((addr, seen));
+    }
+    let (status, rows) = b.stop();
+    assert!(status.success());
+    for (addr, seen) in per_addr {
+        for slot in 0..2u32 {
+            let r = rows
+                .iter()
+                .find(|r| r.addr == addr && r.slot == slot)
+                .unwrap_or_else(|| panic!("no row for {addr} slot {slot}: {rows:?}"));
+            assert_eq!(r.by_hash, seen[slot as usize], "{r:?}");
+            assert_eq!(r.select_errors, 0);
+        }
+    }
+}

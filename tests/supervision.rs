@@ -1,1 +1,246 @@
+//! Supervision against the real kernel: a killed worker loses no queued connection, a crash
+//! loop is backed off, shutdown is orderly, and no worker outlives its controller.
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
+use balancer_tests::{
+    balancer_bin, get, online_cpus, pin_thread, read_answer, send_request, wait_gone, Balancer,
+};
+
+fn kill(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a pid we were told about.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill({pid}, {sig})"
+    );
+}
+
+/// The victim worker is stopped (so nothing it accepted is in flight), connections queue on
+/// its socket, then it is SIGKILLed while a client keeps connecting: every connection must be
+/// answered, the queued ones by the successor on the same socket.
+#[test]
+fn sigkill_of_a_worker_loses_no_connection() {
+    const QUEUED: usize = 50;
+    const DURING: usize = 200;
+    let cpus = online_cpus();
+    let n = cpus.len();
+    let victim_cpu = *cpus.last().unwrap();
+    let victim_slot = (n - 1) as u32;
+    let mut b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "cpu",
+        "--workers",
+        &n.to_string(),
+    ]);
+    let addr = b.addrs[0];
+
+    // A steady client on another CPU, bounded in count and time, for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let steady = (n > 1).then(|| {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let cpu = cpus[0];
+        thread::spawn(move || {
+            pin_thread(cpu);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                match get(addr) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                thread::sleep(Duration::from_millis(1));
+            }
+        })
+    });
+
+    let (old_pid, answers) = thread::spawn(move || {
+        pin_thread(victim_cpu);
+        let warm: Vec<_> = (0..20)
+            .map(|_| get(addr).expect("warm-up request"))
+            .collect();
+        assert!(warm.iter().all(|a| a.slot == victim_slot), "{warm:?}");
+        let old_pid = warm[0].pid;
+        kill(old_pid, libc::SIGSTOP);
+        let queued: Vec<_> = (0..QUEUED)
+            .map(|i| send_request(addr).unwrap_or_else(|e| panic!("queued connection {i}: {e}")))
+            .collect();
+        kill(old_pid, libc::SIGKILL);
+        let mut during = Vec::new();
+        for i in 0..DURING {
+            during.push(
+                send_request(addr).unwrap_or_else(|e| panic!("connection {i} after the kill: {e}")),
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+        let answers: Vec<_> = queued
+            .into_iter()
+            .chain(during)
+            .enumerate()
+            .map(|(i, s)| read_answer(s).unwrap_or_else(|e| panic!("connection {i} lost: {e}")))
+            .collect();
+        (old_pid, answers)
+    })
+    .join()
+    .unwrap();
+
+    let (queued, during) = answers.split_at(QUEUED);
+    let successor = queued[0].pid;
+    assert_ne!(
+        successor, old_pid,
+        "queued connections were answered by the successor"
+    );
+    assert!(
+        queued
+            .iter()
+            .all(|a| a.slot == victim_slot && a.pid == successor),
+        "every queued connection is accepted by the new worker on the same socket: {queued:?}"
+    );
+    if n > 1 {
+        assert!(
+            during.iter().any(|a| a.slot != victim_slot),
+            "while the slot was down its CPU's connections went to live slots"
+        );
+    }
+    assert!(during.iter().all(|a| a.pid != old_pid));
+
+    let rows = b.report();
+    let victim = rows.iter().find(|r| r.slot == victim_slot).unwrap();
+    assert_eq!(victim.restarts, 1, "{victim:?}");
+    assert_eq!(victim.pid, Some(successor));
+    assert_eq!(victim.state, "ready");
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = steady {
+        t.join().unwrap();
+    }
+    let (status, rows) = b.stop();
+    assert!(status.success());
+    assert!(rows.iter().all(|r| r.select_errors == 0), "{rows:?}");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "steady client failures");
+    println!(
+        "killed worker {old_pid}: {} queued + {} later connections answered, steady client {} ok / {} failed",
+        queued.len(),
+        during.len(),
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn a_crash_loop_is_backed_off() {
+    let mut b = balancer_tests::Balancer::start_unready(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--",
+        "/bin/false",
+    ]);
+    thread::sleep(Duration::from_secs(3));
+    assert!(b
+        .wait_line(|l| l.starts_with("ready:"), Duration::ZERO)
+        .is_none());
+    let log = b.stderr();
+    let starts = log.matches("slot 0: started worker").count();
+    // 100 ms, 200 ms, 400 ms, 800 ms, 1.6 s: five starts in three seconds, not hundreds.
+    assert!((3..=7).contains(&starts), "{starts} starts in 3 s:\n{log}");
+    assert!(
+        log.contains("exited with status 1"),
+        "the reason is logged:\n{log}"
+    );
+    assert!(log.contains("crash loop"), "{log}");
+    let (status, _) = b.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn sigterm_stops_every_worker_and_exits_zero() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+    ]);
+    let mut pids: Vec<u32> = (0..200).map(|_| get(b.addrs[0]).unwrap().pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 2);
+    let (status, rows) = b.stop();
+    assert!(status.success(), "{status}");
+    assert!(rows.iter().all(|r| r.state == "stopped"), "{rows:?}");
+    for pid in pids {
+        assert!(
+            wait_gone(pid, Duration::from_secs(2)),
+            "worker {pid} outlived the controller"
+        );
+    }
+}
+
+#[test]
+fn no_worker_outlives_a_killed_controller() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+    ]);
+    let mut pids: Vec<u32> = (0..200).map(|_| get(b.addrs[0]).unwrap().pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 2);
+    b.kill();
+    for pid in pids {
+        assert!(
+            wait_gone(pid, Duration::from_secs(5)),
+            "worker {pid} orphaned after SIGKILL of the controller"
+        );
+    }
+}
+
+/// A socket-activated server that does not speak sd_notify: here the demo worker with
+/// NOTIFY_SOCKET removed, started through `env` like any third-party command.
+#[test]
+fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
+    let bin = balancer_bin();
+    let started = Instant::now();
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--ready-timeout",
+        "400ms",
+        "--",
+        "env",
+        "-u",
+        "NOTIFY_SOCKET",
+        bin.to_str().unwrap(),
+        "demo-worker",
+    ]);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(
+        b.stderr().contains("no READY=1 within 400ms"),
+        "{}",
+        b.stderr()
+    );
+    for _ in 0..20 {
+        get(b.addrs[0]).expect("served by the socket-activated worker");
+    }
+    let (status, _) = b.stop();
+    assert!(status.success());
+}

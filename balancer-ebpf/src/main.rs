@@ -66,14 +66,20 @@ fn select(ctx: &SkReuseportContext) {
         let i = cpu * CPU_FANOUT + (hash & (CPU_FANOUT - 1));
         (tables.cpu[(i & (CPU_TABLE_LEN - 1)) as usize], Path::Cpu)
     } else {
-        (tables.buckets[(hash & (HASH_BUCKETS - 1)) as usize], Path::Hash)
+        (
+            tables.buckets[(hash & (HASH_BUCKETS - 1)) as usize],
+            Path::Hash,
+        )
     };
     if SOCKETS.select_reuseport(ctx, slot).is_ok() {
         count(slot, path);
         return;
     }
     count(slot, Path::SelectError);
-    warn!(ctx, "balancer: slot {} could not be selected; trying live slots", slot);
+    warn!(
+        ctx,
+        "balancer: slot {} could not be selected; trying live slots", slot
+    );
 
     let n_live = tables.n_live;
     for i in 0..FALLBACK_TRIES {

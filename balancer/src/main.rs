@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use balancer_common::PolicyKind;
 use clap::Parser;
-use log::{error, info, warn};
+use log::{info, warn};
 
 use crate::{
     cli::{Cli, Command, RunArgs},
@@ -51,7 +51,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            // Plain text, not a log line: this is the answer to the operator's command.
+            eprintln!("balancer: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -102,7 +102,7 @@ impl CpuLayout {
 /// new connections. Every entry names a live slot; if none is live, every slot counts as
 /// live, so connections queue on the sockets for the workers' successors instead of failing.
 pub fn build_tables(layout: &CpuLayout, slots: u32, live: &[bool]) -> Box<Tables> {
-    debug_assert!(slots >= 1 && slots <= MAX_SLOTS);
+    debug_assert!((1..=MAX_SLOTS).contains(&slots));
     let mut live_slots: Vec<u32> = (0..slots)
         .filter(|s| live.get(*s as usize).copied().unwrap_or(false))
         .collect();

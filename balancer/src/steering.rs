@@ -366,13 +366,15 @@ mod tests {
     fn errno_is_found_through_the_error_chain() {
         let e = SteeringError::Load("x".into());
         assert_eq!(io_errno(&e), None);
-        let e = ProgramError::LoadError {
-            io_error: io::Error::from_raw_os_error(libc::EPERM),
-            verifier_log: Default::default(),
+        let e = EbpfError::FileError {
+            path: "x".into(),
+            error: io::Error::from_raw_os_error(libc::EPERM),
         };
-        assert!(matches!(
-            classify_program(e),
-            SteeringError::NeedsPrivilege(_)
-        ));
+        assert!(matches!(classify_ebpf(e), SteeringError::NeedsPrivilege(_)));
+        let e = EbpfError::FileError {
+            path: "x".into(),
+            error: io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        assert!(matches!(classify_ebpf(e), SteeringError::Unsupported(_)));
     }
 }

@@ -1,1 +1,439 @@
+//! Harness for the privileged integration tests: starts the real `balancer` binary (built with
+//! its eBPF object by `cargo xtask test`), talks to its workers over loopback, and reads its
+//! counters table.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        mpsc::{self, Receiver, RecvTimeoutError},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
+/// How long a balancer may take to print its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-connection deadline of the test clients.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The binary under test: `BALANCER_BIN`, else the workspace's debug build.
+pub fn balancer_bin() -> PathBuf {
+    let path = std::env::var_os("BALANCER_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/balancer"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} does not exist: run the integration tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// These tests load eBPF: they need root. Fails (never skips) without it.
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the integration tests load real eBPF programs and need root: run `cargo xtask test` (it uses sudo)"
+    );
+}
+
+/// Online CPU ids, from sysfs.
+pub fn online_cpus() -> Vec<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("read cpu list");
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// Pins the calling thread to one CPU. On loopback the SYN is processed on the connecting
+/// thread's CPU, so this decides the RX CPU the steering program sees.
+pub fn pin_thread(cpu: u32) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+/// What a demo worker answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// `BALANCER_SLOT` of the worker.
+    pub slot: u32,
+    /// The worker's pid.
+    pub pid: u32,
+    /// `SO_INCOMING_CPU` of the connection, as the worker saw it.
+    pub cpu: u32,
+}
+
+/// Opens a connection and sends a request, without reading the answer yet.
+pub fn send_request(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    Ok(s)
+}
+
+/// Reads a demo worker's whole answer from a connection made by [`send_request`].
+pub fn read_answer(mut s: TcpStream) -> std::io::Result<Answer> {
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    parse_answer(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad answer: {text:?}"),
+        )
+    })
+}
+
+/// One request, one answer.
+pub fn get(addr: SocketAddr) -> std::io::Result<Answer> {
+    read_answer(send_request(addr)?)
+}
+
+fn parse_answer(text: &str) -> Option<Answer> {
+    if !text.starts_with("HTTP/1.1 200 OK") {
+        return None;
+    }
+    let body = text.split("\r\n\r\n").nth(1)?;
+    let field = |k: &str| -> Option<u32> {
+        body.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+    };
+    Some(Answer {
+        slot: field("slot")?,
+        pid: field("pid")?,
+        cpu: field("cpu")?,
+    })
+}
+
+/// One row of the controller's counters table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Slot.
+    pub slot: u32,
+    /// Worker pid, if one runs.
+    pub pid: Option<u32>,
+    /// Slot state.
+    pub state: String,
+    /// Worker replacements.
+    pub restarts: u32,
+    /// Selected by the cpu policy.
+    pub by_cpu: u64,
+    /// Selected by the hash policy.
+    pub by_hash: u64,
+    /// Selected as fallback.
+    pub fallback: u64,
+    /// Failed selections.
+    pub select_errors: u64,
+}
+
+impl Row {
+    /// Connections steered to this slot by any path.
+    pub fn selected(&self) -> u64 {
+        self.by_cpu + self.by_hash + self.fallback
+    }
+}
+
+/// Parses the last counters table in `lines`.
+pub fn parse_report(lines: &[String]) -> Vec<Row> {
+    let Some(start) = lines.iter().rposition(|l| l.starts_with("ADDRESS")) else {
+        return Vec::new();
+    };
+    lines[start + 1..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            Some(Row {
+                addr: c.first()?.parse().ok()?,
+                slot: c.get(1)?.parse().ok()?,
+                pid: c.get(2)?.parse().ok(),
+                state: c.get(3)?.to_string(),
+                restarts: c.get(4)?.parse().ok()?,
+                by_cpu: c.get(5)?.parse().ok()?,
+                by_hash: c.get(6)?.parse().ok()?,
+                fallback: c.get(7)?.parse().ok()?,
+                select_errors: c.get(8)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// A running controller.
+pub struct Balancer {
+    child: Child,
+    lines: Receiver<String>,
+    stdout: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    /// Bound listen addresses, in `--listen` order.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Balancer {
+    /// Starts `balancer run ARGS` and waits until every worker is ready.
+    pub fn start(args: &[&str]) -> Self {
+        let mut b = Self::start_unready(args);
+        b.wait_line(|l| l.starts_with("ready:"), START_TIMEOUT)
+            .unwrap_or_else(|| panic!("balancer did not become ready; stderr:\n{}", b.stderr()));
+        b
+    }
+
+    /// Starts `balancer run ARGS` and waits only for its listening lines.
+    pub fn start_unready(args: &[&str]) -> Self {
+        require_root();
+        let mut child = Command::new(balancer_bin())
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start balancer");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut b = Self {
+            child,
+            lines,
+            stdout: Vec::new(),
+            stderr,
+            addrs: Vec::new(),
+        };
+        let listens = args.iter().filter(|a| **a == "--listen").count().max(1);
+        for _ in 0..listens {
+            b.wait_line(|l| l.starts_with("listening on "), START_TIMEOUT)
+                .unwrap_or_else(|| panic!("balancer did not start; stderr:\n{}", b.stderr()));
+        }
+        b.addrs = b
+            .stdout
+            .iter()
+            .filter_map(|l| {
+                l.strip_prefix("listening on ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(
+            !b.addrs.is_empty(),
+            "no `listening on` line: {:?}",
+            b.stdout
+        );
+        b
+    }
+
+    /// The controller's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the controller logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a stdout line matching `pred`; returns it.
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if pred(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Asks for the counters table (SIGUSR1) and returns it.
+    pub fn report(&mut self) -> Vec<Row> {
+        self.signal(libc::SIGUSR1);
+        let n = self.stdout.len();
+        self.wait_line(|l| l.starts_with("ADDRESS"), IO_TIMEOUT)
+            .expect("counters header");
+        // The rows end with a blank line.
+        self.wait_line(|l| l.trim().is_empty(), IO_TIMEOUT)
+            .expect("end of counters table");
+        parse_report(&self.stdout[n..])
+    }
+
+    /// Sends a signal to the controller.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) on our child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status and the final counters.
+    pub fn stop(mut self) -> (ExitStatus, Vec<Row>) {
+        self.signal(libc::SIGTERM);
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
+            panic!(
+                "balancer did not exit on SIGTERM; stderr:\n{}",
+                self.stderr()
+            )
+        });
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.stdout.push(line);
+        }
+        let rows = parse_report(&self.stdout);
+        (status, rows)
+    }
+
+    /// Kills the controller with SIGKILL and reaps it.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for a child at most `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Output of a balancer run that is expected to end by itself.
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Stdout.
+    pub stdout: String,
+    /// Stderr.
+    pub stderr: String,
+}
+
+/// Runs `balancer ARGS` to completion (20 s at most), optionally adjusting the command first.
+pub fn run_to_end(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Finished {
+    let mut cmd = Command::new(balancer_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    adjust(&mut cmd);
+    let mut child = cmd.spawn().expect("start balancer");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = wait_timeout(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("balancer {args:?} did not exit within 20 s")
+    });
+    Finished {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone; returns whether it went within `timeout`.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_answers_and_reports() {
+        let a = parse_answer("HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nslot=1 pid=42 cpu=0\n");
+        assert_eq!(
+            a,
+            Some(Answer {
+                slot: 1,
+                pid: 42,
+                cpu: 0
+            })
+        );
+        assert_eq!(parse_answer("HTTP/1.1 500 x\r\n\r\n"), None);
+        let lines: Vec<String> = [
+            "ADDRESS  SLOT  PID  STATE  RESTARTS  BY-CPU  BY-HASH  FALLBACK  SELECT-ERRORS",
+            "127.0.0.1:1  0  -  stopped  2  5  6  7  8",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        let rows = parse_report(&lines);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].pid, None);
+        assert_eq!(rows[0].selected(), 18);
+        assert_eq!(rows[0].select_errors, 8);
+    }
+}

@@ -196,15 +196,13 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root_dir().join("target"))
 }
 
-/// Builds the eBPF object; returns its path.
-fn build_ebpf() -> Result<PathBuf> {
-    step("building the eBPF program");
-    let target = target_dir().join("bpf");
+/// A nightly cargo command for the eBPF crate: `cargo +nightly SUBCOMMAND` for the BPF target.
+fn ebpf_cargo(subcommand: &str) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root_dir().join("balancer-ebpf"))
-        .args(["+nightly", "build", "--release", "--target", BPF_TARGET])
+        .args(["+nightly", subcommand, "--release", "--target", BPF_TARGET])
         .args(["-Z", "build-std=core", "--target-dir"])
-        .arg(&target)
+        .arg(target_dir().join("bpf"))
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             [
@@ -223,8 +221,18 @@ fn build_ebpf() -> Result<PathBuf> {
     ] {
         cmd.env_remove(var);
     }
-    sh(&mut cmd)?;
-    Ok(target.join(BPF_TARGET).join("release").join("balancer"))
+    cmd
+}
+
+/// Builds the eBPF object; returns its path.
+fn build_ebpf() -> Result<PathBuf> {
+    step("building the eBPF program");
+    sh(&mut ebpf_cargo("build"))?;
+    Ok(target_dir()
+        .join("bpf")
+        .join(BPF_TARGET)
+        .join("release")
+        .join("balancer"))
 }
 
 /// Builds the eBPF object and the controller with it embedded; returns the binary's path.
@@ -275,11 +283,14 @@ fn test() -> Result<()> {
     sh(Command::new("cargo")
         .current_dir(&root)
         .args(["fmt", "--all", "--check"]))?;
-    sh(Command::new("cargo")
-        .current_dir(root.join("balancer-ebpf"))
-        .args(["+nightly", "fmt", "--check"])
-        .env_remove("RUSTUP_TOOLCHAIN"))?;
+    sh(Command::new("cargo").current_dir(&root).args([
+        "fmt",
+        "--manifest-path",
+        "balancer-ebpf/Cargo.toml",
+        "--check",
+    ]))?;
     step("cargo clippy -D warnings");
+    sh(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     sh(cargo_with_object(&object).args([
         "clippy",
         "--workspace",
