@@ -244,3 +244,31 @@ fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
     let (status, _) = b.stop();
     assert!(status.success());
 }
+
+#[test]
+fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--ready-timeout",
+        "100ms",
+        "--grace",
+        "300ms",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 1; done",
+    ]);
+    let started = Instant::now();
+    let log_before = b.stderr();
+    let (status, rows) = b.stop();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited the grace"
+    );
+    assert_eq!(rows[0].state, "stopped");
+    assert!(!log_before.contains("SIGKILL"));
+}

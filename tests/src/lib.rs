@@ -298,7 +298,13 @@ impl Balancer {
     }
 
     /// SIGTERM, then waits for the exit; returns the exit status and the final counters.
-    pub fn stop(mut self) -> (ExitStatus, Vec<Row>) {
+    pub fn stop(self) -> (ExitStatus, Vec<Row>) {
+        let (status, rows, _) = self.stop_with_log();
+        (status, rows)
+    }
+
+    /// Like [`Balancer::stop`], also returning everything the controller logged.
+    pub fn stop_with_log(mut self) -> (ExitStatus, Vec<Row>, String) {
         self.signal(libc::SIGTERM);
         let status = wait_timeout(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
             panic!(
@@ -310,7 +316,9 @@ impl Balancer {
             self.stdout.push(line);
         }
         let rows = parse_report(&self.stdout);
-        (status, rows)
+        // The stderr reader ends when the last holder of the pipe (the controller) is gone.
+        thread::sleep(Duration::from_millis(100));
+        (status, rows, self.stderr())
     }
 
     /// Kills the controller with SIGKILL and reaps it.

@@ -92,6 +92,50 @@ fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Test totals, summed over every `test result:` line cargo printed.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs a `cargo test` command, passing its output through, and adds up its results.
+fn sh_tests(cmd: &mut Command, totals: &mut Totals) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let out = child.stdout.take().context("test output")?;
+    let mut stdout = std::io::stdout().lock();
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        writeln!(stdout, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|p| {
+                        p.trim()
+                            .strip_suffix(what)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            totals.passed += count("passed");
+            totals.failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
 fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -300,7 +344,11 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     step("unit tests");
-    sh(cargo_with_object(&object).args(["test", "--workspace", "--exclude", "balancer-tests"]))?;
+    let mut totals = Totals::default();
+    sh_tests(
+        cargo_with_object(&object).args(["test", "--workspace", "--exclude", "balancer-tests"]),
+        &mut totals,
+    )?;
     step("building the controller for the integration tests");
     let mut b = cargo_with_object(&object);
     sh(b.args(["build", "-p", "balancer"]))?;
@@ -316,5 +364,7 @@ fn test() -> Result<()> {
         // Cargo builds as this user; only the test binaries run as root.
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    sh(&mut cmd)
+    sh_tests(&mut cmd, &mut totals)?;
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    Ok(())
 }
