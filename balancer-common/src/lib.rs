@@ -102,12 +102,14 @@ pub struct SlotCounters {
     pub by_hash: u64,
     /// Selected as a fallback after another slot's selection failed.
     pub fallback: u64,
+    /// Received a connection migrated from a closing socket (`sk_reuseport/migrate`).
+    pub migrated: u64,
     /// `bpf_sk_select_reuseport` failed for this slot.
     pub select_error: u64,
 }
 
 impl SlotCounters {
-    /// Connections this slot received, by any path.
+    /// New connections this slot received, by any path (migrations not included).
     pub const fn selected(&self) -> u64 {
         self.by_cpu + self.by_hash + self.fallback
     }
@@ -117,6 +119,7 @@ impl SlotCounters {
         self.by_cpu += other.by_cpu;
         self.by_hash += other.by_hash;
         self.fallback += other.fallback;
+        self.migrated += other.migrated;
         self.select_error += other.select_error;
     }
 }

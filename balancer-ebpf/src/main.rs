@@ -38,10 +38,14 @@ enum Path {
     Cpu,
     Hash,
     Fallback,
+    Migrate,
     SelectError,
 }
 
-#[sk_reuseport]
+// The migrate flavour (BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) is also run when a listening
+// socket of the group closes, once per connection queued on it: the same tables, which no
+// longer name the closing slot, pick where each connection moves.
+#[sk_reuseport(migrate)]
 pub fn select_socket(ctx: SkReuseportContext) -> u32 {
     select(&ctx);
     // With a socket selected, SK_PASS hands the connection to it. Without one (every
@@ -62,6 +66,7 @@ fn select(ctx: &SkReuseportContext) {
     };
     let hash = ctx.hash();
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    let migrating = ctx.migrating_sk().is_some();
     let (slot, path) = if config.policy == PolicyKind::Cpu as u32 && cpu < MAX_CPUS {
         let i = cpu * CPU_FANOUT + (hash & (CPU_FANOUT - 1));
         (tables.cpu[(i & (CPU_TABLE_LEN - 1)) as usize], Path::Cpu)
@@ -72,7 +77,7 @@ fn select(ctx: &SkReuseportContext) {
         )
     };
     if SOCKETS.select_reuseport(ctx, slot).is_ok() {
-        count(slot, path);
+        count(slot, if migrating { Path::Migrate } else { path });
         return;
     }
     count(slot, Path::SelectError);
@@ -91,7 +96,14 @@ fn select(ctx: &SkReuseportContext) {
             continue;
         }
         if SOCKETS.select_reuseport(ctx, other).is_ok() {
-            count(other, Path::Fallback);
+            count(
+                other,
+                if migrating {
+                    Path::Migrate
+                } else {
+                    Path::Fallback
+                },
+            );
             return;
         }
         count(other, Path::SelectError);
@@ -109,6 +121,7 @@ fn count(slot: u32, path: Path) {
         Path::Cpu => c.by_cpu += 1,
         Path::Hash => c.by_hash += 1,
         Path::Fallback => c.fallback += 1,
+        Path::Migrate => c.migrated += 1,
         Path::SelectError => c.select_error += 1,
     }
 }

@@ -1,5 +1,5 @@
 //! Command-line interface: what each command takes, with the help text operators read.
-use std::{ffi::OsString, net::SocketAddr, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use balancer_common::MAX_SLOTS;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -22,11 +22,35 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the controller's control socket is, unless `--control` says otherwise.
+pub const DEFAULT_CONTROL: &str = "/run/balancer/balancer.sock";
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the socket group, load the steering program and supervise the workers.
     Run(RunArgs),
+    /// Show every slot: worker, state, CPUs, restarts, accept queue, connections steered.
+    #[command(
+        after_help = "Examples:\n  balancer status\n  balancer status --json | jq '.slots[].pid'"
+    )]
+    Status(ControlArgs),
+    /// Show the active policy and its tables, or change it (`policy set`).
+    #[command(
+        after_help = "Examples:\n  balancer policy\n  balancer policy set hash\n  balancer policy set hash --weights 1,3\n  balancer policy set cpu"
+    )]
+    Policy(PolicyArgs),
+    /// Rolling restart or scaling of the workers.
+    #[command(subcommand)]
+    Workers(WorkersCommand),
+    /// Take a slot out of the tables without stopping its worker (maintenance).
+    #[command(
+        after_help = "Example:\n  balancer drain --slot 1   # no new connections; queued ones are still served"
+    )]
+    Drain(SlotArgs),
+    /// Put a drained slot back into the tables.
+    #[command(after_help = "Example:\n  balancer undrain --slot 1")]
+    Undrain(SlotArgs),
     /// The built-in worker: a small HTTP/1.1 server on the sockets it inherits.
     #[command(
         long_about = "The built-in worker: a small HTTP/1.1 server on the socket(s) it inherits by \
@@ -34,7 +58,7 @@ socket activation (LISTEN_FDS). It answers every request with `slot=<i> pid=<pid
 where cpu is SO_INCOMING_CPU of the connection, closes the connection, and tells the controller \
 READY=1 over NOTIFY_SOCKET. `balancer run` uses it when no worker command is given."
     )]
-    DemoWorker,
+    DemoWorker(DemoWorkerArgs),
     /// Internal: sets LISTEN_PID to its own pid and execs the worker command.
     #[command(hide = true, name = "__exec-worker")]
     ExecWorker {
@@ -42,6 +66,102 @@ READY=1 over NOTIFY_SOCKET. `balancer run` uses it when no worker command is giv
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<OsString>,
     },
+}
+
+/// How to reach a running controller.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The controller's control socket (`balancer run --control`).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL, global = true)]
+    pub control: PathBuf,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Arguments of `balancer policy`.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    #[command(subcommand)]
+    pub action: Option<PolicyAction>,
+}
+
+/// `balancer policy set`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Change the policy; published atomically, in effect from the next SYN.
+    Set {
+        /// The new policy.
+        #[arg(value_enum)]
+        policy: Policy,
+        /// Hash shares per slot, one weight per slot (hash policy only), e.g. 1,3.
+        #[arg(long, value_name = "W0,W1,...", value_delimiter = ',')]
+        weights: Option<Vec<u32>>,
+    },
+}
+
+/// `balancer workers …`.
+#[derive(Debug, Subcommand)]
+pub enum WorkersCommand {
+    /// Replace workers one slot at a time: the new worker starts on the same socket, and the
+    /// old one gets SIGTERM once the new one is ready. If it never becomes ready, the old one
+    /// stays and the command fails. SIGHUP to the controller restarts every slot too.
+    #[command(
+        after_help = "Examples:\n  balancer workers restart\n  balancer workers restart --slot 2"
+    )]
+    Restart {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Only this slot.
+        #[arg(long, value_name = "N")]
+        slot: Option<u32>,
+    },
+    /// Grow or shrink the group. New slots join once their worker is ready; removed slots
+    /// leave the tables first, then their sockets close and what is queued on them moves to
+    /// live slots.
+    #[command(after_help = "Examples:\n  balancer workers scale 8\n  balancer workers scale 2")]
+    Scale {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// The new number of workers.
+        #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_SLOTS as i64))]
+        workers: u32,
+    },
+}
+
+/// A slot of a running controller.
+#[derive(Debug, Args)]
+pub struct SlotArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The slot.
+    #[arg(long, value_name = "N")]
+    pub slot: u32,
+}
+
+/// Arguments of `balancer demo-worker`.
+#[derive(Debug, Args)]
+pub struct DemoWorkerArgs {
+    /// Wait this long after each accept: a slow worker, to see connections queue.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub accept_delay: Option<Duration>,
+}
+
+/// Log verbosity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Worker starts, exits and control actions.
+    Info,
+    /// Also protocol details and eBPF debug lines.
+    Debug,
+    /// Everything.
+    Trace,
 }
 
 /// Steering policy.
@@ -98,6 +218,27 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, how long workers get to exit after SIGTERM before SIGKILL.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// Control socket for `balancer status`, `policy`, `workers`, `drain` (mode 0600).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    pub control: PathBuf,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Pin the program and maps under DIR/<address>/ for bpftool [default: /sys/fs/bpf/balancer/<pid> when /sys/fs/bpf is a BPF filesystem].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+
+    /// Turn on the kernel's BPF run-time statistics, for the program cost in `balancer status`
+    /// (costs a little throughput).
+    #[arg(long)]
+    pub bpf_stats: bool,
+
+    /// Log level [default: RUST_LOG, else info].
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
 
     /// Worker command and arguments [default: this binary's `demo-worker`].
     #[arg(last = true, value_name = "WORKER_CMD")]

@@ -54,7 +54,7 @@ fn inherited_sockets() -> anyhow::Result<Vec<OwnedFd>> {
 }
 
 /// Runs the demo worker until SIGTERM.
-pub async fn run() -> anyhow::Result<()> {
+pub async fn run(accept_delay: Option<Duration>) -> anyhow::Result<()> {
     let slot = env::var("BALANCER_SLOT").unwrap_or_else(|_| "?".into());
     let mut listeners = Vec::new();
     for fd in inherited_sockets()? {
@@ -87,6 +87,9 @@ pub async fn run() -> anyhow::Result<()> {
                         warn!("accept: {e}");
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
+                }
+                if let Some(d) = accept_delay {
+                    tokio::time::sleep(d).await;
                 }
             }
         });

@@ -1,7 +1,9 @@
 //! `balancer`: the controller, its CLI and the built-in demo worker.
 mod activation;
 mod cli;
+mod control;
 mod demo_worker;
+mod metrics;
 mod notify;
 mod policy;
 mod privileges;
@@ -19,7 +21,14 @@ use clap::Parser;
 use log::{info, warn};
 
 use crate::{
-    cli::{Cli, Command, RunArgs},
+    cli::{
+        Cli, Command, ControlArgs, LogLevel, Policy, PolicyAction, PolicyArgs, RunArgs,
+        WorkersCommand,
+    },
+    control::{
+        protocol::{PolicyName, Request},
+        server::ControlSocket,
+    },
     policy::{build_tables, CpuLayout},
     socket_group::SocketGroup,
     steering::Steering,
@@ -40,12 +49,49 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(127);
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if let Command::Run(RunArgs {
+        log_level: Some(level),
+        ..
+    }) = &cli.command
+    {
+        logger.filter_level(match level {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        });
+    }
+    logger.format_target(false).init();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::DemoWorker => runtime().and_then(|rt| rt.block_on(demo_worker::run())),
+        Command::DemoWorker(args) => {
+            runtime().and_then(|rt| rt.block_on(demo_worker::run(args.accept_delay)))
+        }
+        Command::Status(c) => control_call(&c, Request::Status),
+        Command::Policy(PolicyArgs { control, action }) => match action {
+            None => control_call(&control, Request::Policy),
+            Some(PolicyAction::Set { policy, weights }) => control_call(
+                &control,
+                Request::SetPolicy {
+                    policy: match policy {
+                        Policy::Cpu => PolicyName::Cpu,
+                        Policy::Hash => PolicyName::Hash,
+                    },
+                    weights,
+                },
+            ),
+        },
+        Command::Workers(WorkersCommand::Restart { control, slot }) => {
+            control_call(&control, Request::Restart { slot })
+        }
+        Command::Workers(WorkersCommand::Scale { control, workers }) => {
+            control_call(&control, Request::Scale { workers })
+        }
+        Command::Drain(a) => control_call(&a.control, Request::Drain { slot: a.slot }),
+        Command::Undrain(a) => control_call(&a.control, Request::Undrain { slot: a.slot }),
         Command::ExecWorker { .. } => unreachable!("handled above"),
     };
     match result {
@@ -101,11 +147,38 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let group = SocketGroup::bind(&args.listen, slots, args.backlog)?;
+    let pin_dir = pin_dir(args.bpffs_dir)?;
     let rt = runtime()?;
     rt.block_on(async move {
+        let mut control = ControlSocket::bind(&args.control)?;
+        let _stats = if args.bpf_stats {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("turning on BPF run-time statistics (--bpf-stats)")?,
+            )
+        } else {
+            None
+        };
         // Until a worker is ready every slot takes connections: they queue on its socket.
-        let tables = build_tables(&layout, slots, &vec![false; slots as usize]);
-        let steering = Steering::attach(&group, slots, policy, &tables)?;
+        let tables = build_tables(&layout, slots, &vec![false; slots as usize], None);
+        let steering = Steering::attach(&group, slots, policy, &tables, pin_dir.as_deref());
+        let steering = match steering {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(dir) = &pin_dir {
+                    Steering::unpin(dir);
+                }
+                return Err(e.into());
+            }
+        };
+        let (commands, requests) = tokio::sync::mpsc::channel(16);
+        control.serve(commands.clone());
+        if let Some(addr) = args.metrics {
+            let bound = metrics::serve(addr, commands.clone())
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            report::line(&format!("metrics on http://{bound}/metrics"));
+        }
         for a in &group.addresses {
             report::line(&format!(
                 "listening on {} ({slots} slots, policy {})",
@@ -114,11 +187,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ));
         }
         info!(
-            "controller pid {}; `kill -USR1 {}` prints the counters",
+            "controller pid {}; control socket {}{}",
             std::process::id(),
-            std::process::id()
+            args.control.display(),
+            pin_dir
+                .as_ref()
+                .map_or(String::new(), |d| format!("; pinned under {}", d.display()))
         );
-        Supervisor::run(
+        let result = Supervisor::run(
             SupervisorConfig {
                 command,
                 slots,
@@ -127,12 +203,65 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 pin_workers: args.pin_workers,
                 ready_timeout: args.ready_timeout,
                 grace: args.grace,
+                bpf_stats: args.bpf_stats,
             },
             group,
             steering,
+            requests,
         )
-        .await
+        .await;
+        if let Some(dir) = &pin_dir {
+            Steering::unpin(dir);
+        }
+        drop(control);
+        result
     })
+}
+
+/// Where to pin for bpftool: the given directory (which must be on a BPF filesystem), else
+/// `/sys/fs/bpf/balancer/<pid>` when that is a BPF filesystem, else nowhere (with a warning).
+fn pin_dir(asked: Option<std::path::PathBuf>) -> anyhow::Result<Option<std::path::PathBuf>> {
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+    let on_bpffs = |p: &std::path::Path| {
+        let mut probe = p.to_path_buf();
+        while !probe.exists() {
+            if !probe.pop() {
+                return false;
+            }
+        }
+        nix::sys::statfs::statfs(&probe).is_ok_and(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC)
+    };
+    match asked {
+        Some(dir) if on_bpffs(&dir) => Ok(Some(dir)),
+        Some(dir) => anyhow::bail!(
+            "--bpffs-dir {} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or choose a directory under it",
+            dir.display()
+        ),
+        None if on_bpffs(std::path::Path::new("/sys/fs/bpf")) => Ok(Some(
+            std::path::PathBuf::from(format!("/sys/fs/bpf/balancer/{}", std::process::id())),
+        )),
+        None => {
+            warn!("/sys/fs/bpf is not a BPF filesystem: the program and maps are not pinned for bpftool");
+            Ok(None)
+        }
+    }
+}
+
+/// Sends one request to a running controller and prints the reply.
+fn control_call(args: &ControlArgs, request: Request) -> anyhow::Result<()> {
+    let outcome = runtime()?.block_on(control::client::call(&args.control, &request))?;
+    match outcome {
+        Ok(reply) => control::client::print(&reply, args.json),
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": e.kind, "message": e.message })
+                );
+            }
+            Err(anyhow::anyhow!("{}", e.message))
+        }
+    }
 }
 
 fn policy_name(p: PolicyKind) -> &'static str {

@@ -101,7 +101,13 @@ impl CpuLayout {
 /// Builds the steering tables for `slots` worker slots of which those with `live[s]` may take
 /// new connections. Every entry names a live slot; if none is live, every slot counts as
 /// live, so connections queue on the sockets for the workers' successors instead of failing.
-pub fn build_tables(layout: &CpuLayout, slots: u32, live: &[bool]) -> Box<Tables> {
+/// `weights` (index = slot) shape the hash table's shares among the live slots.
+pub fn build_tables(
+    layout: &CpuLayout,
+    slots: u32,
+    live: &[bool],
+    weights: Option<&[u32]>,
+) -> Box<Tables> {
     debug_assert!((1..=MAX_SLOTS).contains(&slots));
     let mut live_slots: Vec<u32> = (0..slots)
         .filter(|s| live.get(*s as usize).copied().unwrap_or(false))
@@ -139,13 +145,84 @@ pub fn build_tables(layout: &CpuLayout, slots: u32, live: &[bool]) -> Box<Tables
             tables.cpu[base + j] = row[j % row.len()];
         }
     }
-    for (b, entry) in tables.buckets.iter_mut().enumerate() {
-        *entry = live_slots[b % live_slots.len()];
+    let shares = bucket_shares(&live_slots, weights);
+    let mut b = 0;
+    for (slot, share) in live_slots.iter().zip(shares) {
+        for _ in 0..share {
+            tables.buckets[b] = *slot;
+            b += 1;
+        }
     }
     for (i, s) in live_slots.iter().enumerate() {
         tables.live[i] = *s;
     }
     tables
+}
+
+/// How many hash buckets each live slot gets: proportional to its weight (largest remainder),
+/// or equal when there are no weights or every live slot weighs 0.
+fn bucket_shares(live_slots: &[u32], weights: Option<&[u32]>) -> Vec<u32> {
+    let w: Vec<u64> = live_slots
+        .iter()
+        .map(|s| weights.map_or(1, |w| u64::from(w.get(*s as usize).copied().unwrap_or(1))))
+        .collect();
+    let w = if w.iter().all(|x| *x == 0) {
+        vec![1; w.len()]
+    } else {
+        w
+    };
+    let total: u64 = w.iter().sum();
+    let buckets = u64::from(HASH_BUCKETS);
+    let mut shares: Vec<u32> = w.iter().map(|x| (buckets * x / total) as u32).collect();
+    let mut left = HASH_BUCKETS - shares.iter().sum::<u32>();
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    // Largest remainder first; ties to the lower slot, so the result is deterministic.
+    order.sort_by_key(|&i| std::cmp::Reverse((buckets * w[i]) % total));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        if w[i] > 0 {
+            shares[i] += 1;
+            left -= 1;
+        }
+    }
+    shares
+}
+
+/// Whether every live slot weighs 0, so that the weights cannot apply.
+pub fn weights_void(live: &[bool], weights: Option<&[u32]>) -> bool {
+    let Some(w) = weights else { return false };
+    live.iter()
+        .enumerate()
+        .filter(|(_, l)| **l)
+        .all(|(s, _)| w.get(s).copied().unwrap_or(1) == 0)
+        && live.iter().any(|l| *l)
+}
+
+/// For each online CPU, the slots of its row.
+pub type CpuRows = Vec<(u32, Vec<u32>)>;
+/// For each slot, its number of hash buckets.
+pub type BucketCounts = Vec<(u32, u32)>;
+
+/// The tables as people read them: for each online CPU the slots of its row, and for each
+/// slot its number of hash buckets.
+pub fn describe(layout: &CpuLayout, slots: u32, tables: &Tables) -> (CpuRows, BucketCounts) {
+    let cpu = layout
+        .online()
+        .iter()
+        .map(|&c| {
+            let base = (c * CPU_FANOUT) as usize;
+            let mut row: Vec<u32> = tables.cpu[base..base + CPU_FANOUT as usize].to_vec();
+            row.sort_unstable();
+            row.dedup();
+            (c, row)
+        })
+        .collect();
+    let hash = (0..slots)
+        .map(|s| (s, tables.buckets.iter().filter(|b| **b == s).count() as u32))
+        .collect();
+    (cpu, hash)
 }
 
 #[cfg(test)]
@@ -169,12 +246,12 @@ mod tests {
     #[test]
     fn cpu_rows_map_each_cpu_to_its_own_slot() {
         let layout = CpuLayout::contiguous(4);
-        let t = build_tables(&layout, 4, &[true; 4]);
+        let t = build_tables(&layout, 4, &[true; 4], None);
         for cpu in 0..4 {
             assert!(row(&t, cpu).iter().all(|s| *s == cpu), "cpu {cpu}");
         }
         // Fewer workers than CPUs: CPU k goes to slot k mod workers.
-        let t = build_tables(&layout, 2, &[true; 2]);
+        let t = build_tables(&layout, 2, &[true; 2], None);
         assert!(row(&t, 3).iter().all(|s| *s == 1));
         assert!(row(&t, 2).iter().all(|s| *s == 0));
     }
@@ -182,7 +259,7 @@ mod tests {
     #[test]
     fn more_workers_than_cpus_spread_within_the_cpu() {
         let layout = CpuLayout::contiguous(2);
-        let t = build_tables(&layout, 6, &[true; 6]);
+        let t = build_tables(&layout, 6, &[true; 6], None);
         let mut r0: Vec<u32> = row(&t, 0).to_vec();
         r0.sort_unstable();
         r0.dedup();
@@ -195,7 +272,7 @@ mod tests {
     fn a_dead_slot_never_appears_and_its_cpu_spreads() {
         let layout = CpuLayout::contiguous(4);
         let live = [true, false, true, true];
-        let t = build_tables(&layout, 4, &live);
+        let t = build_tables(&layout, 4, &live, None);
         assert!(t.cpu.iter().all(|s| *s != 1));
         assert!(t.buckets.iter().all(|s| *s != 1));
         let mut r1: Vec<u32> = row(&t, 1).to_vec();
@@ -213,7 +290,7 @@ mod tests {
     #[test]
     fn hash_buckets_share_evenly() {
         let layout = CpuLayout::contiguous(2);
-        let t = build_tables(&layout, 4, &[true; 4]);
+        let t = build_tables(&layout, 4, &[true; 4], None);
         for s in 0..4 {
             let n = t.buckets.iter().filter(|b| **b == s).count();
             assert_eq!(n, HASH_BUCKETS as usize / 4);
@@ -221,9 +298,32 @@ mod tests {
     }
 
     #[test]
+    fn weights_shape_the_hash_shares() {
+        let layout = CpuLayout::contiguous(2);
+        let t = build_tables(&layout, 2, &[true; 2], Some(&[1, 3]));
+        let (_, hash) = describe(&layout, 2, &t);
+        assert_eq!(hash, vec![(0, 256), (1, 768)]);
+        // Uneven division still fills every bucket, each with a live slot.
+        let t = build_tables(&layout, 3, &[true; 3], Some(&[1, 1, 1]));
+        let (_, hash) = describe(&layout, 3, &t);
+        assert_eq!(hash.iter().map(|h| h.1).sum::<u32>(), HASH_BUCKETS);
+        assert!(hash.iter().all(|h| h.1 == 341 || h.1 == 342), "{hash:?}");
+        // A zero weight gets nothing; a dead slot's weight is ignored.
+        let t = build_tables(&layout, 3, &[true, true, false], Some(&[0, 1, 5]));
+        let (_, hash) = describe(&layout, 3, &t);
+        assert_eq!(hash, vec![(0, 0), (1, 1024), (2, 0)]);
+        // Only zero weights among the live slots: equal shares, and the caller is told.
+        assert!(weights_void(&[true, true, false], Some(&[0, 0, 5])));
+        assert!(!weights_void(&[true, true, false], Some(&[0, 1, 5])));
+        let t = build_tables(&layout, 3, &[true, true, false], Some(&[0, 0, 5]));
+        let (_, hash) = describe(&layout, 3, &t);
+        assert_eq!(hash, vec![(0, 512), (1, 512), (2, 0)]);
+    }
+
+    #[test]
     fn no_live_slot_keeps_every_slot_queueing() {
         let layout = CpuLayout::contiguous(2);
-        let t = build_tables(&layout, 2, &[false, false]);
+        let t = build_tables(&layout, 2, &[false, false], None);
         assert_eq!(t.n_live, 2);
         assert!(row(&t, 0).iter().all(|s| *s == 0));
         assert!(row(&t, 1).iter().all(|s| *s == 1));
@@ -232,7 +332,7 @@ mod tests {
     #[test]
     fn offline_and_sparse_cpu_ids_keep_slots_busy() {
         let layout = CpuLayout::parse("0,4").unwrap();
-        let t = build_tables(&layout, 2, &[true; 2]);
+        let t = build_tables(&layout, 2, &[true; 2], None);
         assert!(
             row(&t, 4).iter().all(|s| *s == 1),
             "second online CPU owns slot 1"

@@ -37,6 +37,7 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
         "BY-CPU",
         "BY-HASH",
         "FALLBACK",
+        "MIGRATED",
         "SELECT-ERRORS",
     ]
     .map(str::to_owned)
@@ -54,6 +55,7 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 c.by_cpu.to_string(),
                 c.by_hash.to_string(),
                 c.fallback.to_string(),
+                c.migrated.to_string(),
                 c.select_error.to_string(),
             ]);
         }
@@ -68,12 +70,25 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 "0".into(),
                 "0".into(),
                 "0".into(),
+                "0".into(),
                 u.select_error.to_string(),
             ]);
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+    table(&rows)
+}
+
+/// Lays out rows as left-aligned columns two spaces apart; the first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {

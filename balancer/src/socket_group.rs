@@ -75,6 +75,7 @@ pub struct AddressGroup {
 pub struct SocketGroup {
     /// In `--listen` order.
     pub addresses: Vec<AddressGroup>,
+    backlog: u32,
 }
 
 impl SocketGroup {
@@ -87,9 +88,41 @@ impl SocketGroup {
         }
         let addresses = listen
             .iter()
-            .map(|addr| bind_address(*addr, slots, backlog))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { addresses })
+            .map(|addr| {
+                let mut sockets = Vec::new();
+                let addr = bind_sockets(*addr, &mut sockets, slots, backlog)?;
+                check_no_foreign_members(addr, &sockets)?;
+                Ok(AddressGroup { addr, sockets })
+            })
+            .collect::<Result<Vec<_>, SocketGroupError>>()?;
+        Ok(Self { addresses, backlog })
+    }
+
+    /// Adds sockets to every address until there are `slots` per address; they join the
+    /// same reuseport groups.
+    pub fn grow(&mut self, slots: u32) -> Result<(), SocketGroupError> {
+        for a in &mut self.addresses {
+            let more = slots.saturating_sub(a.sockets.len() as u32);
+            bind_sockets(a.addr, &mut a.sockets, more, self.backlog)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the sockets of slots `slots..`. The kernel moves what is queued on them to the
+    /// slots the steering program picks (`sk_reuseport/migrate`).
+    pub fn truncate(&mut self, slots: u32) {
+        for a in &mut self.addresses {
+            a.sockets.truncate(slots as usize);
+        }
+    }
+
+    /// Connections waiting in `slot`'s accept queues, summed over the addresses.
+    pub fn queue_depth(&self, slot: u32) -> u32 {
+        self.addresses
+            .iter()
+            .filter_map(|a| a.sockets.get(slot as usize))
+            .filter_map(|s| accept_queue_len(s).ok())
+            .sum()
     }
 
     /// The sockets of `slot`, one per address, in address order.
@@ -101,19 +134,21 @@ impl SocketGroup {
     }
 }
 
-fn bind_address(
+/// Binds `count` more listening sockets at `asked` into `sockets`; returns the bound address
+/// (the real port when 0 was asked for and `sockets` was empty).
+fn bind_sockets(
     asked: SocketAddr,
-    slots: u32,
+    sockets: &mut Vec<Socket>,
+    count: u32,
     backlog: u32,
-) -> Result<AddressGroup, SocketGroupError> {
+) -> Result<SocketAddr, SocketGroupError> {
     let io_err = |op, source| SocketGroupError::Io {
         op,
         addr: asked,
         source,
     };
     let mut addr = asked;
-    let mut sockets = Vec::with_capacity(slots as usize);
-    for _ in 0..slots {
+    for _ in 0..count {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .map_err(|e| io_err("socket", e))?;
         socket
@@ -150,8 +185,29 @@ fn bind_address(
             .map_err(|e| io_err("listen", e))?;
         sockets.push(socket);
     }
-    check_no_foreign_members(addr, &sockets)?;
-    Ok(AddressGroup { addr, sockets })
+    Ok(addr)
+}
+
+/// The accept-queue length of a listening socket: `tcpi_unacked` of `TCP_INFO` is the number
+/// of established connections not yet accepted.
+pub fn accept_queue_len(socket: &Socket) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd; optval/optlen describe `info`.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_unacked)
 }
 
 /// A same-user process with SO_REUSEPORT could already listen here; binding then joins its

@@ -7,11 +7,12 @@
 use std::{
     io,
     net::SocketAddr,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{Array, MapData, MapError, PerCpuArray, ReusePortSockArray},
+    maps::{Array, MapData, MapError, PerCpuArray, PerCpuValues, ReusePortSockArray},
     programs::{ProgramError, SkReuseport},
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -70,6 +71,11 @@ build it with `cargo xtask build` (or run `cargo xtask run`)"
         /// The program error.
         source: ProgramError,
     },
+    /// Pinning to the BPF filesystem failed.
+    #[error(
+        "pinning for bpftool: {0}; --bpffs-dir must be on a BPF filesystem (mount -t bpf bpf DIR)"
+    )]
+    Pin(String),
     /// Loading failed otherwise.
     #[error("loading the steering program: {0}")]
     Load(String),
@@ -78,8 +84,9 @@ build it with `cargo xtask build` (or run `cargo xtask run`)"
 /// One program instance, attached to one address's group.
 struct Instance {
     addr: SocketAddr,
-    // Held so the program and socket array live as long as the group.
-    _ebpf: Ebpf,
+    // Held so the program lives as long as the group.
+    ebpf: Ebpf,
+    sockets: ReusePortSockArray<MapData>,
     config: Array<MapData, Config>,
     tables: Array<MapData, Tables>,
     counters: PerCpuArray<MapData, SlotCounters>,
@@ -116,16 +123,23 @@ impl Steering {
     /// Loads one program instance per address, fills its socket array (index = slot), publishes
     /// `tables` under `policy`, and only then attaches it, so that the program never runs on
     /// empty maps. Must run inside the tokio runtime (eBPF log lines are read by a task).
+    /// With `pin_dir`, the program and maps of each address are pinned under
+    /// `pin_dir/<address>/` for `bpftool`; [`Steering::unpin`] removes them.
     pub fn attach(
         group: &SocketGroup,
         slots: u32,
         policy: PolicyKind,
         tables: &Tables,
+        pin_dir: Option<&Path>,
     ) -> Result<Self, SteeringError> {
         check_object()?;
         let mut instances = Vec::with_capacity(group.addresses.len());
         for address in &group.addresses {
             let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(classify_ebpf)?;
+            let pin_at = pin_dir.map(|d| address_dir(d, address.addr));
+            if let Some(dir) = &pin_at {
+                pin_maps(&ebpf, dir)?;
+            }
             match EbpfLogger::init(&mut ebpf) {
                 // The task owns the logger: dropping it would close the log map.
                 Ok(logger) => spawn_log_forwarder(logger),
@@ -161,11 +175,15 @@ impl Steering {
                 .try_into()
                 .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
             program.load().map_err(classify_program)?;
-            // The socket array only keeps socket references; the map fd itself may go.
-            drop(sockets);
+            if let Some(dir) = &pin_at {
+                program
+                    .pin(dir.join(PROGRAM_SELECT))
+                    .map_err(|e| pin_error("pinning the program", dir, &e))?;
+            }
             instances.push(Instance {
                 addr: address.addr,
-                _ebpf: ebpf,
+                ebpf,
+                sockets,
                 config,
                 tables: tables_map,
                 counters,
@@ -180,7 +198,7 @@ impl Steering {
         steering.write(policy, tables)?;
         for (instance, address) in steering.instances.iter_mut().zip(&group.addresses) {
             let program: &mut SkReuseport = instance
-                ._ebpf
+                .ebpf
                 .program_mut(PROGRAM_SELECT)
                 .ok_or(SteeringError::Missing("select program"))?
                 .try_into()
@@ -264,6 +282,66 @@ impl Steering {
             .collect()
     }
 
+    /// Publishes the sockets of slots `self.slots..slots` (after the group grew).
+    pub fn add_slots(&mut self, group: &SocketGroup, slots: u32) -> Result<(), SteeringError> {
+        for (i, address) in self.instances.iter_mut().zip(&group.addresses) {
+            for slot in self.slots..slots {
+                i.sockets
+                    .set(slot, &address.sockets[slot as usize], 0)
+                    .map_err(|source| SteeringError::Map {
+                        what: format!("publishing slot {slot}'s socket ({})", i.addr),
+                        source,
+                    })?;
+            }
+        }
+        self.slots = slots;
+        Ok(())
+    }
+
+    /// Forgets slots `slots..` (before the group shrinks): clears their counters, so that a
+    /// slot created again later starts from zero.
+    pub fn remove_slots(&mut self, slots: u32) {
+        let cpus = match aya::util::nr_cpus() {
+            Ok(n) => n,
+            Err((_, e)) => {
+                warn!("cannot count CPUs to clear counters: {e}");
+                return;
+            }
+        };
+        for i in &mut self.instances {
+            for slot in slots..self.slots {
+                let zero = PerCpuValues::try_from(vec![SlotCounters::default(); cpus]);
+                if let Ok(zero) = zero {
+                    if let Err(e) = i.counters.set(slot, zero, 0) {
+                        warn!("clearing slot {slot}'s counters ({}): {e}", i.addr);
+                    }
+                }
+            }
+        }
+        self.slots = slots;
+    }
+
+    /// Program run time and run count summed over the addresses (kernel `bpf_stats`).
+    pub fn program_stats(&self) -> Option<(u64, u64)> {
+        let mut total = (0u64, 0u64);
+        for i in &self.instances {
+            let program: &SkReuseport = i.ebpf.program(PROGRAM_SELECT)?.try_into().ok()?;
+            let info = program.info().ok()?;
+            total.0 += info.run_time().as_nanos() as u64;
+            total.1 += info.run_count();
+        }
+        Some(total)
+    }
+
+    /// Removes what [`Steering::attach`] pinned.
+    pub fn unpin(dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                warn!("removing pinned objects under {}: {e}", dir.display());
+            }
+        }
+    }
+
     /// Detaches the program from every group (before the sockets close on shutdown).
     pub fn detach(&self, group: &SocketGroup) {
         for address in &group.addresses {
@@ -272,6 +350,30 @@ impl Steering {
             }
         }
     }
+}
+
+/// `dir/127_0_0_1_8080`, `dir/__1_8080`: one directory per address. bpffs refuses names
+/// with a '.', and ':' would read badly in paths.
+fn address_dir(dir: &Path, addr: SocketAddr) -> PathBuf {
+    let name: String = format!("{}_{}", addr.ip(), addr.port())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    dir.join(name)
+}
+
+fn pin_error(what: &str, dir: &Path, e: &dyn std::fmt::Display) -> SteeringError {
+    SteeringError::Pin(format!("{what} under {}: {e}", dir.display()))
+}
+
+fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), SteeringError> {
+    std::fs::create_dir_all(dir).map_err(|e| pin_error("creating the directory", dir, &e))?;
+    // Internal data sections (.rodata, .bss) are not for bpftool, and bpffs refuses their names.
+    for (name, map) in ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
+        map.pin(dir.join(name))
+            .map_err(|e| pin_error(&format!("pinning map {name}"), dir, &e))?;
+    }
+    Ok(())
 }
 
 fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) {

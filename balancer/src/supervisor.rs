@@ -1,7 +1,10 @@
-//! Worker supervision: one worker per slot, respawned on the same socket when it dies, with
-//! the steering tables republished on every change so that new connections only go to slots
-//! whose worker is ready.
+//! Worker supervision and runtime control.
+//!
+//! One worker per slot, respawned on the same socket when it dies; rolling restarts, scaling,
+//! drains and policy changes asked for over the control socket. Every change of which slots
+//! take new connections is published to the steering tables at once.
 use std::{
+    collections::VecDeque,
     ffi::OsString,
     io,
     process::ExitStatus,
@@ -9,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context;
-use balancer_common::PolicyKind;
+use balancer_common::{PolicyKind, MAX_SLOTS};
 use log::{error, info, warn};
 use nix::{
     sched::CpuSet,
@@ -18,13 +21,20 @@ use nix::{
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
 use crate::{
     activation::{self, WorkerLaunch},
+    control::{
+        protocol::{
+            ErrorKind, ErrorReply, Outcome, PolicyName, PolicyReport, Reply, Request, SlotStatus,
+            StatusReport,
+        },
+        server::Command,
+    },
     notify::{Notification, NotifySocket},
-    policy::{build_tables, CpuLayout},
+    policy::{build_tables, describe, weights_void, CpuLayout},
     report::{self, SlotView},
     socket_group::SocketGroup,
     steering::Steering,
@@ -43,9 +53,9 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 pub struct SupervisorConfig {
     /// Worker program (resolved) and arguments.
     pub command: Vec<OsString>,
-    /// Number of slots.
+    /// Number of slots at start.
     pub slots: u32,
-    /// Active policy.
+    /// Policy at start.
     pub policy: PolicyKind,
     /// CPU layout the tables are built for.
     pub layout: CpuLayout,
@@ -53,48 +63,107 @@ pub struct SupervisorConfig {
     pub pin_workers: bool,
     /// How long to wait for READY=1.
     pub ready_timeout: Duration,
-    /// SIGTERM → SIGKILL grace on shutdown.
+    /// SIGTERM → SIGKILL grace, on shutdown and for replaced workers.
     pub grace: Duration,
+    /// Whether kernel BPF run-time statistics are on.
+    pub bpf_stats: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// Spawned, not yet ready: not in the tables.
-    Starting { pid: u32, since: Instant },
-    /// Ready: takes new connections.
-    Ready { pid: u32, since: Instant },
-    /// Dead, waiting for its respawn.
-    BackingOff,
-    /// Dead for good (shutdown).
-    Stopped,
-}
-
-struct Slot {
-    state: State,
-    /// Bumped on every spawn; stale timers and exits carry an older one.
+#[derive(Clone, Copy, Debug)]
+struct Worker {
+    pid: u32,
     generation: u64,
+    since: Instant,
+    ready: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The worker serving the slot (ready or starting).
+    current: Option<Worker>,
+    /// During a rolling restart: the new worker, not yet ready, on the same socket.
+    successor: Option<Worker>,
+    /// Replaced workers told to stop, finishing what they accepted.
+    retiring: Vec<Worker>,
+    /// Dead, waiting for its respawn (token = the pending respawn timer).
+    backoff_token: Option<u64>,
+    /// Taken out of the tables by the operator.
+    drained: bool,
+    /// Being scaled away.
+    removing: bool,
     restarts: u32,
     quick_exits: u32,
 }
 
+impl Slot {
+    fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.current
+            .iter()
+            .chain(self.successor.iter())
+            .chain(self.retiring.iter())
+    }
+
+    fn live(&self) -> bool {
+        self.current.is_some_and(|w| w.ready) && !self.drained && !self.removing
+    }
+
+    fn state(&self) -> &'static str {
+        match (self.current, self.removing) {
+            (_, true) => "removing",
+            (Some(w), _) if w.ready && self.drained => "draining",
+            (Some(w), _) if w.ready => "ready",
+            (Some(_), _) => "starting",
+            (None, _) if self.backoff_token.is_some() => "backing-off",
+            (None, _) => "down",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Current,
+    Successor,
+    Retiring,
+}
+
 enum Event {
     Exited {
-        slot: u32,
         generation: u64,
         pid: u32,
         status: io::Result<ExitStatus>,
     },
     ReadyTimeout {
-        slot: u32,
         generation: u64,
     },
     Respawn {
         slot: u32,
+        token: u64,
+    },
+    GraceOver {
         generation: u64,
     },
 }
 
-/// Supervises the workers of a socket group until SIGTERM or SIGINT.
+/// A change that takes more than one step; at most one runs at a time.
+enum Operation {
+    Restart {
+        queue: VecDeque<u32>,
+        slot: Option<u32>,
+        done: Vec<String>,
+        reply: Option<oneshot::Sender<Outcome>>,
+    },
+    ScaleUp {
+        waiting: Vec<u32>,
+        target: u32,
+        reply: oneshot::Sender<Outcome>,
+    },
+    ScaleDown {
+        target: u32,
+        reply: oneshot::Sender<Outcome>,
+    },
+}
+
+/// Supervises the workers of a socket group and serves control requests.
 pub struct Supervisor {
     config: SupervisorConfig,
     group: SocketGroup,
@@ -102,45 +171,47 @@ pub struct Supervisor {
     notify_env: String,
     fd_names: String,
     slots: Vec<Slot>,
+    weights: Option<Vec<u32>>,
     events: mpsc::UnboundedSender<Event>,
+    next_generation: u64,
+    op: Option<Operation>,
     stopping: bool,
     announced_ready: bool,
+    started: Instant,
 }
 
 impl Supervisor {
-    /// Runs the group: starts every worker, supervises them, and stops them in order on
-    /// SIGTERM/SIGINT. Returns after every worker has exited.
+    /// Runs the group: starts every worker, supervises them, serves `commands`, and stops the
+    /// workers in order on SIGTERM/SIGINT. Returns after every worker has exited.
     pub async fn run(
         config: SupervisorConfig,
         group: SocketGroup,
         steering: Steering,
+        mut commands: mpsc::Receiver<Command>,
     ) -> anyhow::Result<()> {
         let notify = NotifySocket::bind().context("creating the NOTIFY_SOCKET for workers")?;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let slots = (0..config.slots)
-            .map(|_| Slot {
-                state: State::BackingOff,
-                generation: 0,
-                restarts: 0,
-                quick_exits: 0,
-            })
-            .collect();
         let mut sup = Self {
             fd_names: activation::fd_names(group.addresses.len()),
             notify_env: notify.env_value().to_owned(),
+            slots: (0..config.slots).map(|_| Slot::default()).collect(),
             config,
             group,
             steering,
-            slots,
+            weights: None,
             events: tx,
+            next_generation: 0,
+            op: None,
             stopping: false,
             announced_ready: false,
+            started: Instant::now(),
         };
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
         for slot in 0..sup.config.slots {
-            sup.spawn(slot);
+            sup.spawn(slot, Role::Current);
         }
         loop {
             tokio::select! {
@@ -149,8 +220,15 @@ impl Supervisor {
                     Ok(msg) => sup.on_notify(msg).await,
                     Err(e) => warn!("reading NOTIFY_SOCKET: {e}"),
                 },
+                Some((request, reply)) = commands.recv() => sup.on_request(request, reply).await,
                 _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
                 _ = int.recv() => { info!("SIGINT: stopping workers"); break; }
+                _ = hup.recv() => {
+                    info!("SIGHUP: rolling restart of every slot");
+                    if let Err((e, _)) = sup.start_restart(None, None) {
+                        warn!("SIGHUP ignored: {e}");
+                    }
+                }
                 _ = usr1.recv() => sup.print_report(),
             }
         }
@@ -158,12 +236,9 @@ impl Supervisor {
         Ok(())
     }
 
-    fn spawn(&mut self, slot: u32) {
-        let generation = {
-            let s = &mut self.slots[slot as usize];
-            s.generation += 1;
-            s.generation
-        };
+    fn spawn(&mut self, slot: u32, role: Role) {
+        self.next_generation += 1;
+        let generation = self.next_generation;
         let cpus = if self.config.pin_workers {
             self.cpu_set(slot)
         } else {
@@ -177,29 +252,42 @@ impl Supervisor {
             notify_socket: &self.notify_env,
             cpus,
         };
-        let mut child = match activation::spawn(launch) {
-            Ok(child) => child,
+        let spawned = activation::spawn(launch).and_then(|child| {
+            let pid = child
+                .id()
+                .ok_or_else(|| io::Error::other("the worker exited before its pid was read"))?;
+            Ok((child, pid))
+        });
+        let (mut child, pid) = match spawned {
+            Ok(x) => x,
             Err(e) => {
-                error!("slot {slot}: cannot start the worker: {e}");
-                self.after_exit(slot, Duration::ZERO);
+                error!("slot {slot}: cannot start a worker: {e}");
+                match role {
+                    Role::Successor => self.restart_failed(slot, &format!("cannot start ({e})")),
+                    _ => self.after_exit(slot, Duration::ZERO),
+                }
                 return;
             }
         };
-        let Some(pid) = child.id() else {
-            error!("slot {slot}: the worker exited before its pid could be read");
-            self.after_exit(slot, Duration::ZERO);
-            return;
-        };
-        self.slots[slot as usize].state = State::Starting {
+        let worker = Worker {
             pid,
+            generation,
             since: Instant::now(),
+            ready: false,
         };
-        info!("slot {slot}: started worker pid {pid}");
+        let s = &mut self.slots[slot as usize];
+        match role {
+            Role::Successor => s.successor = Some(worker),
+            _ => s.current = Some(worker),
+        }
+        info!(
+            "slot {slot}: started {}worker pid {pid}",
+            if role == Role::Successor { "new " } else { "" }
+        );
         let tx = self.events.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             let _ = tx.send(Event::Exited {
-                slot,
                 generation,
                 pid,
                 status,
@@ -207,19 +295,23 @@ impl Supervisor {
         });
         self.after(
             self.config.ready_timeout,
-            Event::ReadyTimeout { slot, generation },
+            Event::ReadyTimeout { generation },
         );
     }
 
     fn cpu_set(&self, slot: u32) -> Option<CpuSet> {
         let mut set = CpuSet::new();
-        for cpu in self.config.layout.pinned_cpus(slot, self.config.slots) {
+        for cpu in self.config.layout.pinned_cpus(slot, self.slot_count()) {
             if let Err(e) = set.set(cpu as usize) {
                 warn!("slot {slot}: cannot pin to CPU {cpu}: {e}");
                 return None;
             }
         }
         Some(set)
+    }
+
+    fn slot_count(&self) -> u32 {
+        self.slots.len() as u32
     }
 
     fn after(&self, delay: Duration, event: Event) {
@@ -230,65 +322,121 @@ impl Supervisor {
         });
     }
 
+    fn find(&self, generation: u64) -> Option<(u32, Role)> {
+        self.slots.iter().enumerate().find_map(|(i, s)| {
+            let role = if s.current.is_some_and(|w| w.generation == generation) {
+                Role::Current
+            } else if s.successor.is_some_and(|w| w.generation == generation) {
+                Role::Successor
+            } else if s.retiring.iter().any(|w| w.generation == generation) {
+                Role::Retiring
+            } else {
+                return None;
+            };
+            Some((i as u32, role))
+        })
+    }
+
     async fn handle(&mut self, event: Event) {
         match event {
             Event::Exited {
-                slot,
                 generation,
                 pid,
                 status,
-            } => {
-                let s = &self.slots[slot as usize];
-                if s.generation != generation {
-                    return;
-                }
-                let lived = match s.state {
-                    State::Starting { since, .. } | State::Ready { since, .. } => since.elapsed(),
-                    State::BackingOff | State::Stopped => Duration::ZERO,
-                };
-                let was_ready = matches!(s.state, State::Ready { .. });
-                let reason = describe_exit(&status);
-                if self.stopping {
-                    info!("slot {slot}: worker pid {pid} {reason}");
-                    self.slots[slot as usize].state = State::Stopped;
-                    return;
-                }
-                self.slots[slot as usize].state = State::BackingOff;
-                if was_ready {
-                    // First take the slot's share away: its socket stays open, and what is
-                    // queued on it waits for the successor.
-                    self.publish().await;
-                }
-                warn!(
-                    "slot {slot}: worker pid {pid} {reason} after {}",
-                    humantime::format_duration(round_ms(lived))
+            } => self.on_exit(generation, pid, &status).await,
+            Event::ReadyTimeout { generation } => {
+                let why = format!(
+                    "no READY=1 within {}, taken as ready",
+                    humantime::format_duration(self.config.ready_timeout)
                 );
-                self.after_exit(slot, lived);
+                self.mark_ready(generation, &why).await;
             }
-            Event::ReadyTimeout { slot, generation } => {
-                let s = &self.slots[slot as usize];
-                if s.generation == generation && matches!(s.state, State::Starting { .. }) {
-                    let why = format!(
-                        "no READY=1 within {}, taken as ready",
-                        humantime::format_duration(self.config.ready_timeout)
-                    );
-                    self.mark_ready(slot, &why).await;
+            Event::Respawn { slot, token } => {
+                let Some(s) = self.slots.get_mut(slot as usize) else {
+                    return;
+                };
+                if !self.stopping && !s.removing && s.backoff_token == Some(token) {
+                    s.backoff_token = None;
+                    self.spawn(slot, Role::Current);
                 }
             }
-            Event::Respawn { slot, generation } => {
-                let s = &self.slots[slot as usize];
-                if !self.stopping && s.generation == generation && s.state == State::BackingOff {
-                    self.spawn(slot);
+            Event::GraceOver { generation } => {
+                if let Some((slot, Role::Retiring)) = self.find(generation) {
+                    let s = &self.slots[slot as usize];
+                    if let Some(w) = s.retiring.iter().find(|w| w.generation == generation) {
+                        warn!(
+                            "slot {slot}: old worker pid {} still running after the {} grace: SIGKILL",
+                            w.pid,
+                            humantime::format_duration(self.config.grace)
+                        );
+                        signal_worker(w.pid, Signal::SIGKILL);
+                    }
                 }
             }
         }
     }
 
+    async fn on_exit(&mut self, generation: u64, pid: u32, status: &io::Result<ExitStatus>) {
+        let Some((slot, role)) = self.find(generation) else {
+            return;
+        };
+        let reason = describe_exit(status);
+        let s = &mut self.slots[slot as usize];
+        let worker = match role {
+            Role::Current => s.current.take(),
+            Role::Successor => s.successor.take(),
+            Role::Retiring => {
+                let i = s.retiring.iter().position(|w| w.generation == generation);
+                i.map(|i| s.retiring.remove(i))
+            }
+        };
+        let Some(worker) = worker else { return };
+        if self.stopping || role == Role::Retiring || s.removing {
+            info!("slot {slot}: worker pid {pid} {reason}");
+            if s.removing {
+                self.finish_scale_down().await;
+            }
+            return;
+        }
+        let lived = worker.since.elapsed();
+        warn!(
+            "slot {slot}: {}worker pid {pid} {reason} after {}",
+            if role == Role::Successor { "new " } else { "" },
+            humantime::format_duration(round_ms(lived))
+        );
+        match role {
+            Role::Current => {
+                if worker.ready {
+                    // First take the slot's share away: its socket stays open, and what is
+                    // queued on it waits for the successor.
+                    self.publish().await;
+                }
+                self.scale_up_failed(slot, &format!("its worker pid {pid} {reason}"));
+                if self.slots[slot as usize].successor.is_some() {
+                    info!("slot {slot}: the new worker takes over when ready");
+                } else {
+                    self.after_exit(slot, lived);
+                }
+            }
+            Role::Successor => {
+                self.restart_failed(
+                    slot,
+                    &format!("the new worker pid {pid} {reason} before it was ready"),
+                );
+                if self.slots[slot as usize].current.is_none() {
+                    self.after_exit(slot, lived);
+                }
+            }
+            Role::Retiring => {}
+        }
+    }
+
     /// Schedules the respawn of a slot whose worker died after running `lived`.
     fn after_exit(&mut self, slot: u32, lived: Duration) {
+        self.next_generation += 1;
+        let token = self.next_generation;
         let s = &mut self.slots[slot as usize];
         s.restarts += 1;
-        s.state = State::BackingOff;
         s.quick_exits = if lived >= STABLE_AFTER {
             0
         } else {
@@ -307,11 +455,11 @@ impl Supervisor {
                 humantime::format_duration(delay)
             );
         }
-        let generation = s.generation;
         if delay.is_zero() {
-            self.spawn(slot);
+            self.spawn(slot, Role::Current);
         } else {
-            self.after(delay, Event::Respawn { slot, generation });
+            s.backoff_token = Some(token);
+            self.after(delay, Event::Respawn { slot, token });
         }
     }
 
@@ -320,45 +468,573 @@ impl Supervisor {
             return;
         }
         let Some(pid) = msg.pid else { return };
-        let slot = self
-            .slots
-            .iter()
-            .position(|s| matches!(s.state, State::Starting { pid: p, .. } if p as i32 == pid));
-        if let Some(slot) = slot {
-            self.mark_ready(slot as u32, "READY=1").await;
+        let generation = self.slots.iter().find_map(|s| {
+            s.current
+                .iter()
+                .chain(s.successor.iter())
+                .find(|w| w.pid as i32 == pid)
+                .map(|w| w.generation)
+        });
+        if let Some(generation) = generation {
+            self.mark_ready(generation, "READY=1").await;
         }
     }
 
-    async fn mark_ready(&mut self, slot: u32, why: &str) {
-        let State::Starting { pid, since } = self.slots[slot as usize].state else {
+    async fn mark_ready(&mut self, generation: u64, why: &str) {
+        let Some((slot, role)) = self.find(generation) else {
             return;
         };
-        self.slots[slot as usize].state = State::Ready { pid, since };
-        info!("slot {slot}: worker pid {pid} ready ({why})");
-        self.publish().await;
+        let s = &mut self.slots[slot as usize];
+        match role {
+            Role::Current => {
+                let Some(w) = s.current.as_mut().filter(|w| !w.ready) else {
+                    return;
+                };
+                w.ready = true;
+                info!("slot {slot}: worker pid {} ready ({why})", w.pid);
+                self.publish().await;
+                self.scale_up_progress(slot);
+            }
+            Role::Successor => {
+                let Some(mut new) = s.successor.take() else {
+                    return;
+                };
+                new.ready = true;
+                let old = s.current.replace(new);
+                s.restarts += 1;
+                info!("slot {slot}: new worker pid {} ready ({why})", new.pid);
+                let old_pid = old.map(|w| w.pid);
+                if let Some(old) = old {
+                    self.retire(slot, old);
+                }
+                self.publish().await;
+                self.restart_progress(slot, old_pid, new.pid);
+            }
+            Role::Retiring => return,
+        }
         if !self.announced_ready
             && self
                 .slots
                 .iter()
-                .all(|s| matches!(s.state, State::Ready { .. }))
+                .all(|s| s.current.is_some_and(|w| w.ready))
         {
             self.announced_ready = true;
             report::line(&format!("ready: {} workers", self.slots.len()));
         }
     }
 
+    /// Tells a replaced worker to stop: it finishes what it accepted while its successor
+    /// accepts from the same queue; SIGKILL after the grace.
+    fn retire(&mut self, slot: u32, worker: Worker) {
+        info!("slot {slot}: SIGTERM to old worker pid {}", worker.pid);
+        signal_worker(worker.pid, Signal::SIGTERM);
+        self.slots[slot as usize].retiring.push(worker);
+        self.after(
+            self.config.grace,
+            Event::GraceOver {
+                generation: worker.generation,
+            },
+        );
+    }
+
     fn live(&self) -> Vec<bool> {
-        self.slots
-            .iter()
-            .map(|s| matches!(s.state, State::Ready { .. }))
-            .collect()
+        self.slots.iter().map(Slot::live).collect()
     }
 
     async fn publish(&mut self) {
-        let tables = build_tables(&self.config.layout, self.config.slots, &self.live());
+        let live = self.live();
+        if weights_void(&live, self.weights.as_deref()) {
+            warn!("every live slot has weight 0: hash shares are equal until a weighted slot is live again");
+        }
+        let tables = build_tables(
+            &self.config.layout,
+            self.slot_count(),
+            &live,
+            self.weights.as_deref(),
+        );
         if let Err(e) = self.steering.publish(self.config.policy, &tables).await {
             // The previous tables stay active; they are valid, just not current.
             error!("publishing the steering tables failed: {e}");
+        }
+    }
+
+    // ---- control requests ----
+
+    async fn on_request(&mut self, request: Request, reply: oneshot::Sender<Outcome>) {
+        if self.stopping {
+            let _ = reply.send(Err(ErrorReply::new(
+                ErrorKind::Failed,
+                "the balancer is shutting down",
+            )));
+            return;
+        }
+        let outcome = match request {
+            Request::Status => Ok(Reply::Status(self.status())),
+            Request::Policy => Ok(Reply::Policy(self.policy_report())),
+            Request::SetPolicy { policy, weights } => self.set_policy(policy, weights).await,
+            Request::Drain { slot } => self.set_drained(slot, true).await,
+            Request::Undrain { slot } => self.set_drained(slot, false).await,
+            Request::Restart { slot } => match self.start_restart(slot, Some(reply)) {
+                Ok(()) => return,
+                Err((e, reply)) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(e));
+                    }
+                    return;
+                }
+            },
+            Request::Scale { workers } => {
+                if let Err((e, reply)) = self.start_scale(workers, reply).await {
+                    let _ = reply.send(Err(e));
+                }
+                return;
+            }
+        };
+        let _ = reply.send(outcome);
+    }
+
+    fn check_slot(&self, slot: u32) -> Result<(), ErrorReply> {
+        match self.slots.get(slot as usize) {
+            None => Err(ErrorReply::new(
+                ErrorKind::Invalid,
+                format!("there is no slot {slot}: slots are 0..{}", self.slots.len()),
+            )),
+            Some(s) if s.removing => Err(ErrorReply::new(
+                ErrorKind::Busy,
+                format!("slot {slot} is being scaled away"),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn busy(&self) -> Option<ErrorReply> {
+        let what = match self.op.as_ref()? {
+            Operation::Restart { .. } => "a rolling restart",
+            Operation::ScaleUp { .. } | Operation::ScaleDown { .. } => "a scale change",
+        };
+        Some(ErrorReply::new(
+            ErrorKind::Busy,
+            format!("{what} is in progress: try again when it has finished"),
+        ))
+    }
+
+    async fn set_policy(&mut self, policy: PolicyName, weights: Option<Vec<u32>>) -> Outcome {
+        if let Some(w) = &weights {
+            if policy != PolicyName::Hash {
+                return Err(ErrorReply::new(
+                    ErrorKind::Invalid,
+                    "--weights shape the hash table: use them with `policy set hash`",
+                ));
+            }
+            if w.len() != self.slots.len() {
+                return Err(ErrorReply::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{} weights for {} slots: give one weight per slot",
+                        w.len(),
+                        self.slots.len()
+                    ),
+                ));
+            }
+            if w.iter().all(|x| *x == 0) {
+                return Err(ErrorReply::new(
+                    ErrorKind::Invalid,
+                    "every weight is 0: at least one slot must have a positive weight",
+                ));
+            }
+        }
+        let started = Instant::now();
+        self.config.policy = match policy {
+            PolicyName::Cpu => PolicyKind::Cpu,
+            PolicyName::Hash => PolicyKind::Hash,
+        };
+        self.weights = weights;
+        self.publish().await;
+        let took = started.elapsed();
+        let text = format!(
+            "policy {}{} published in {} µs",
+            crate::control::client::policy_name(policy),
+            self.weights.as_ref().map_or(String::new(), |w| format!(
+                " (weights {})",
+                w.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            )),
+            took.as_micros()
+        );
+        info!("{text}");
+        Ok(Reply::Done { message: text })
+    }
+
+    async fn set_drained(&mut self, slot: u32, drained: bool) -> Outcome {
+        self.check_slot(slot)?;
+        let s = &self.slots[slot as usize];
+        if s.drained == drained {
+            return Ok(Reply::Done {
+                message: format!(
+                    "slot {slot} is already {}",
+                    if drained { "drained" } else { "in the tables" }
+                ),
+            });
+        }
+        if drained
+            && self
+                .slots
+                .iter()
+                .enumerate()
+                .all(|(i, s)| i as u32 == slot || !s.live())
+        {
+            return Err(ErrorReply::new(
+                ErrorKind::Invalid,
+                format!("draining slot {slot} would leave no slot taking new connections: undrain or start another first"),
+            ));
+        }
+        self.slots[slot as usize].drained = drained;
+        self.publish().await;
+        let pid = self.slots[slot as usize]
+            .current
+            .map_or("no worker".to_owned(), |w| format!("worker pid {}", w.pid));
+        let message = if drained {
+            format!("slot {slot} drained: no new connections; its {pid} keeps running and serves what is queued")
+        } else {
+            format!("slot {slot} undrained: it takes new connections again ({pid})")
+        };
+        info!("{message}");
+        Ok(Reply::Done { message })
+    }
+
+    /// Starts a rolling restart of `slot` (or all). `reply` gets the outcome when it ends;
+    /// on refusal it is handed back with the error.
+    #[allow(clippy::type_complexity)]
+    fn start_restart(
+        &mut self,
+        slot: Option<u32>,
+        reply: Option<oneshot::Sender<Outcome>>,
+    ) -> Result<(), (ErrorReply, Option<oneshot::Sender<Outcome>>)> {
+        if let Some(e) = self.busy() {
+            return Err((e, reply));
+        }
+        let queue: VecDeque<u32> = match slot {
+            Some(s) => {
+                if let Err(e) = self.check_slot(s) {
+                    return Err((e, reply));
+                }
+                [s].into()
+            }
+            None => (0..self.slot_count()).collect(),
+        };
+        self.op = Some(Operation::Restart {
+            queue,
+            slot: None,
+            done: Vec::new(),
+            reply,
+        });
+        self.advance_restart();
+        Ok(())
+    }
+
+    fn advance_restart(&mut self) {
+        loop {
+            let Some(Operation::Restart {
+                queue, slot, done, ..
+            }) = self.op.as_mut()
+            else {
+                return;
+            };
+            let Some(next) = queue.pop_front() else {
+                let summary = if done.is_empty() {
+                    "nothing to restart".to_owned()
+                } else {
+                    format!("restarted: {}", done.join(", "))
+                };
+                if let Some(Operation::Restart {
+                    reply: Some(reply), ..
+                }) = self.op.take()
+                {
+                    let _ = reply.send(Ok(Reply::Done {
+                        message: summary.clone(),
+                    }));
+                }
+                info!("rolling restart done; {summary}");
+                return;
+            };
+            let s = &mut self.slots[next as usize];
+            if s.removing {
+                continue;
+            }
+            if s.current.is_none() {
+                // Down or backing off: start it now instead of replacing anything.
+                done.push(format!("slot {next} (was down)"));
+                s.backoff_token = None;
+                s.quick_exits = 0;
+                self.spawn(next, Role::Current);
+                continue;
+            }
+            *slot = Some(next);
+            self.spawn(next, Role::Successor);
+            return;
+        }
+    }
+
+    fn restart_progress(&mut self, slot: u32, old: Option<u32>, new: u32) {
+        if let Some(Operation::Restart {
+            slot: Some(s),
+            done,
+            ..
+        }) = self.op.as_mut()
+        {
+            if *s == slot {
+                done.push(format!(
+                    "slot {slot} pid {} -> {new}",
+                    old.map_or("-".into(), |p| p.to_string())
+                ));
+                self.advance_restart();
+            }
+        }
+    }
+
+    fn restart_failed(&mut self, slot: u32, why: &str) {
+        if !matches!(self.op, Some(Operation::Restart { slot: Some(s), .. }) if s == slot) {
+            return;
+        }
+        let Some(Operation::Restart { done, reply, .. }) = self.op.take() else {
+            return;
+        };
+        let old = self.slots[slot as usize].current.map_or(
+            "no worker is running; the slot is respawned as usual".to_owned(),
+            |w| format!("the old worker (pid {}) keeps serving", w.pid),
+        );
+        let mut message = format!("rolling restart stopped at slot {slot}: {why}; {old}");
+        if !done.is_empty() {
+            message.push_str(&format!(" (already restarted: {})", done.join(", ")));
+        }
+        error!("{message}");
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(ErrorReply::new(ErrorKind::Failed, message)));
+        }
+    }
+
+    async fn start_scale(
+        &mut self,
+        target: u32,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Result<(), (ErrorReply, oneshot::Sender<Outcome>)> {
+        if let Some(e) = self.busy() {
+            return Err((e, reply));
+        }
+        if !(1..=MAX_SLOTS).contains(&target) {
+            return Err((
+                ErrorReply::new(
+                    ErrorKind::Invalid,
+                    format!("{target} workers: give 1 to {MAX_SLOTS}"),
+                ),
+                reply,
+            ));
+        }
+        let n = self.slot_count();
+        if target == n {
+            let _ = reply.send(Ok(Reply::Done {
+                message: format!("already {n} workers"),
+            }));
+            return Ok(());
+        }
+        if self.weights.take().is_some() {
+            warn!("scaling resets the hash weights to equal shares");
+        }
+        if target > n {
+            if let Err(e) = self.group.grow(target) {
+                self.group.truncate(n);
+                return Err((
+                    ErrorReply::new(ErrorKind::Failed, format!("adding sockets: {e}")),
+                    reply,
+                ));
+            }
+            if let Err(e) = self.steering.add_slots(&self.group, target) {
+                self.steering.remove_slots(n);
+                self.group.truncate(n);
+                return Err((ErrorReply::new(ErrorKind::Failed, e.to_string()), reply));
+            }
+            self.slots.extend((n..target).map(|_| Slot::default()));
+            info!(
+                "scaling {n} -> {target}: starting slots {n}..{}",
+                target - 1
+            );
+            self.op = Some(Operation::ScaleUp {
+                waiting: (n..target).collect(),
+                target,
+                reply,
+            });
+            for slot in n..target {
+                self.spawn(slot, Role::Current);
+            }
+            self.publish().await;
+        } else {
+            info!(
+                "scaling {n} -> {target}: removing slots {target}..{}",
+                n - 1
+            );
+            for s in &mut self.slots[target as usize..] {
+                s.removing = true;
+                s.backoff_token = None;
+            }
+            // First out of the tables, so nothing new lands on the closing sockets.
+            self.publish().await;
+            for slot in target..n {
+                let s = &mut self.slots[slot as usize];
+                let workers: Vec<Worker> = s
+                    .current
+                    .take()
+                    .into_iter()
+                    .chain(s.successor.take())
+                    .collect();
+                for w in workers {
+                    self.retire(slot, w);
+                }
+            }
+            self.op = Some(Operation::ScaleDown { target, reply });
+            self.finish_scale_down().await;
+        }
+        Ok(())
+    }
+
+    fn scale_up_progress(&mut self, slot: u32) {
+        let Some(Operation::ScaleUp { waiting, .. }) = self.op.as_mut() else {
+            return;
+        };
+        waiting.retain(|s| *s != slot);
+        if waiting.is_empty() {
+            if let Some(Operation::ScaleUp { target, reply, .. }) = self.op.take() {
+                let message = format!(
+                    "scaled to {target} workers; every new slot is ready and in the tables"
+                );
+                info!("{message}");
+                let _ = reply.send(Ok(Reply::Done { message }));
+            }
+        }
+    }
+
+    fn scale_up_failed(&mut self, slot: u32, why: &str) {
+        if !matches!(&self.op, Some(Operation::ScaleUp { waiting, .. }) if waiting.contains(&slot))
+        {
+            return;
+        }
+        if let Some(Operation::ScaleUp { target, reply, .. }) = self.op.take() {
+            let message = format!(
+                "scaled to {target} slots, but slot {slot} is not ready: {why}; it is respawned with backoff (see `balancer status`)"
+            );
+            error!("{message}");
+            let _ = reply.send(Err(ErrorReply::new(ErrorKind::Failed, message)));
+        }
+    }
+
+    /// Once every removed slot's workers are gone, closes their sockets: the kernel migrates
+    /// what was queued on them through the program to live slots.
+    async fn finish_scale_down(&mut self) {
+        let Some(Operation::ScaleDown { target, .. }) = self.op else {
+            return;
+        };
+        if self.slots[target as usize..]
+            .iter()
+            .any(|s| s.workers().next().is_some())
+        {
+            return;
+        }
+        let before = self.migrated_total();
+        let n = self.slot_count();
+        self.group.truncate(target);
+        self.steering.remove_slots(target);
+        self.slots.truncate(target as usize);
+        self.publish().await;
+        let moved = self.migrated_total().saturating_sub(before);
+        if let Some(Operation::ScaleDown { reply, .. }) = self.op.take() {
+            let message = format!(
+                "scaled {n} -> {target} workers; {moved} queued connection(s) moved to live slots"
+            );
+            info!("{message}");
+            let _ = reply.send(Ok(Reply::Done { message }));
+        }
+    }
+
+    fn migrated_total(&self) -> u64 {
+        self.steering.counters().map_or(0, |c| {
+            c.iter()
+                .flat_map(|a| a.slots.iter())
+                .map(|s| s.migrated)
+                .sum()
+        })
+    }
+
+    fn status(&self) -> StatusReport {
+        let counters = self.steering.counters().unwrap_or_else(|e| {
+            error!("reading the steering counters: {e}");
+            Vec::new()
+        });
+        let slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut sum = balancer_common::SlotCounters::default();
+                for a in &counters {
+                    if let Some(c) = a.slots.get(i) {
+                        sum.add(c);
+                    }
+                }
+                SlotStatus {
+                    slot: i as u32,
+                    pid: s.current.map(|w| w.pid),
+                    state: s.state().to_owned(),
+                    cpus: self.config.layout.pinned_cpus(i as u32, self.slot_count()),
+                    restarts: s.restarts,
+                    queue: self.group.queue_depth(i as u32),
+                    steered: sum.selected(),
+                    by_cpu: sum.by_cpu,
+                    by_hash: sum.by_hash,
+                    fallback: sum.fallback,
+                    migrated: sum.migrated,
+                    select_errors: sum.select_error,
+                }
+            })
+            .collect();
+        let stats = self
+            .config
+            .bpf_stats
+            .then(|| self.steering.program_stats())
+            .flatten();
+        StatusReport {
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            policy: policy_name(self.config.policy),
+            weights: self.weights.clone(),
+            listen: self
+                .group
+                .addresses
+                .iter()
+                .map(|a| a.addr.to_string())
+                .collect(),
+            slots,
+            bpf_ns_per_selection: stats
+                .filter(|(_, runs)| *runs > 0)
+                .map(|(ns, runs)| ns as f64 / runs as f64),
+            bpf_runs: stats.map(|(_, runs)| runs),
+        }
+    }
+
+    fn policy_report(&self) -> PolicyReport {
+        let live = self.live();
+        let tables = build_tables(
+            &self.config.layout,
+            self.slot_count(),
+            &live,
+            self.weights.as_deref(),
+        );
+        let (cpu_table, hash_buckets) = describe(&self.config.layout, self.slot_count(), &tables);
+        PolicyReport {
+            policy: policy_name(self.config.policy),
+            weights: self.weights.clone(),
+            live: (0..self.slot_count())
+                .filter(|s| live[*s as usize])
+                .collect(),
+            cpu_table,
+            hash_buckets,
         }
     }
 
@@ -374,12 +1050,29 @@ impl Supervisor {
 
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) {
         self.stopping = true;
+        let reply = match self.op.take() {
+            Some(Operation::Restart { reply, .. }) => reply,
+            Some(Operation::ScaleUp { reply, .. } | Operation::ScaleDown { reply, .. }) => {
+                Some(reply)
+            }
+            None => None,
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(ErrorReply::new(
+                ErrorKind::Failed,
+                "the balancer is shutting down",
+            )));
+        }
         self.signal_all(Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + self.config.grace;
         let mut killed = false;
-        while self.slots.iter().any(|s| pid_of(s.state).is_some()) {
+        while self.slots.iter().any(|s| s.workers().next().is_some()) {
             tokio::select! {
-                Some(event) = rx.recv() => self.handle(event).await,
+                Some(event) = rx.recv() => {
+                    if let Event::Exited { generation, pid, status } = event {
+                        self.on_exit(generation, pid, &status).await;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline), if !killed => {
                     warn!("workers still running after the {} grace: SIGKILL",
                         humantime::format_duration(self.config.grace));
@@ -393,43 +1086,41 @@ impl Supervisor {
             }
         }
         for s in &mut self.slots {
-            if s.state != State::Stopped {
-                s.state = State::Stopped;
-            }
+            s.backoff_token = None;
         }
         self.steering.detach(&self.group);
         self.print_report();
     }
 
     fn signal_all(&self, signal: Signal) {
-        for s in &self.slots {
-            if let Some(pid) = pid_of(s.state) {
-                // The worker leads its own process group: this reaches its children too.
-                if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
-                    warn!("{signal} to worker pid {pid}: {e}");
-                }
-            }
+        for w in self.slots.iter().flat_map(Slot::workers) {
+            signal_worker(w.pid, signal);
         }
     }
 }
 
-fn pid_of(state: State) -> Option<u32> {
-    match state {
-        State::Starting { pid, .. } | State::Ready { pid, .. } => Some(pid),
-        State::BackingOff | State::Stopped => None,
+/// Signals a worker's process group (it leads its own): this reaches its children too.
+fn signal_worker(pid: u32, signal: Signal) {
+    if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
+        warn!("{signal} to worker pid {pid}: {e}");
+    }
+}
+
+fn policy_name(p: PolicyKind) -> PolicyName {
+    match p {
+        PolicyKind::Cpu => PolicyName::Cpu,
+        PolicyKind::Hash => PolicyName::Hash,
     }
 }
 
 fn slot_view(s: &Slot) -> SlotView {
-    let (pid, state) = match s.state {
-        State::Starting { pid, .. } => (Some(pid), "starting"),
-        State::Ready { pid, .. } => (Some(pid), "ready"),
-        State::BackingOff => (None, "backing-off"),
-        State::Stopped => (None, "stopped"),
-    };
     SlotView {
-        pid,
-        state,
+        pid: s.current.map(|w| w.pid),
+        state: if s.current.is_none() && s.backoff_token.is_none() && !s.removing {
+            "stopped"
+        } else {
+            s.state()
+        },
         restarts: s.restarts,
     }
 }
@@ -489,5 +1180,29 @@ mod tests {
             describe_exit(&Ok(ExitStatus::from_raw(1 << 8))),
             "exited with status 1"
         );
+    }
+
+    #[test]
+    fn slot_states_read_as_documented() {
+        let w = Worker {
+            pid: 1,
+            generation: 1,
+            since: Instant::now(),
+            ready: true,
+        };
+        let mut s = Slot {
+            current: Some(w),
+            ..Default::default()
+        };
+        assert_eq!(s.state(), "ready");
+        assert!(s.live());
+        s.drained = true;
+        assert_eq!(s.state(), "draining");
+        assert!(!s.live());
+        s.current = None;
+        s.backoff_token = Some(3);
+        assert_eq!(s.state(), "backing-off");
+        s.removing = true;
+        assert_eq!(s.state(), "removing");
     }
 }

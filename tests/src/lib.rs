@@ -136,6 +136,8 @@ pub struct Row {
     pub by_hash: u64,
     /// Selected as fallback.
     pub fallback: u64,
+    /// Moved here from a closing socket.
+    pub migrated: u64,
     /// Failed selections.
     pub select_errors: u64,
 }
@@ -166,7 +168,8 @@ pub fn parse_report(lines: &[String]) -> Vec<Row> {
                 by_cpu: c.get(5)?.parse().ok()?,
                 by_hash: c.get(6)?.parse().ok()?,
                 fallback: c.get(7)?.parse().ok()?,
-                select_errors: c.get(8)?.parse().ok()?,
+                migrated: c.get(8)?.parse().ok()?,
+                select_errors: c.get(9)?.parse().ok()?,
             })
         })
         .collect()
@@ -432,8 +435,8 @@ mod tests {
         );
         assert_eq!(parse_answer("HTTP/1.1 500 x\r\n\r\n"), None);
         let lines: Vec<String> = [
-            "ADDRESS  SLOT  PID  STATE  RESTARTS  BY-CPU  BY-HASH  FALLBACK  SELECT-ERRORS",
-            "127.0.0.1:1  0  -  stopped  2  5  6  7  8",
+            "ADDRESS  SLOT  PID  STATE  RESTARTS  BY-CPU  BY-HASH  FALLBACK  MIGRATED  SELECT-ERRORS",
+            "127.0.0.1:1  0  -  stopped  2  5  6  7  1  8",
             "",
         ]
         .map(String::from)

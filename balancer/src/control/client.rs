@@ -1,0 +1,186 @@
+//! The CLI's end of the control socket: sends one request, prints the reply as a table for
+//! people or as JSON for scripts.
+use std::{io, path::Path};
+
+use anyhow::{anyhow, Context};
+use tokio::net::UnixStream;
+
+use super::protocol::{
+    decode_reply, encode_request, read_frame, write_frame, FrameError, Outcome, PolicyName,
+    PolicyReport, Reply, Request, StatusReport,
+};
+use crate::report::table;
+
+/// Sends `request` to the controller at `path` and returns its outcome.
+pub async fn call(path: &Path, request: &Request) -> anyhow::Result<Outcome> {
+    let mut stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow!(
+            "no balancer is listening on {} ({e}): is `balancer run` running? Pass its --control PATH",
+            path.display()
+        ),
+        io::ErrorKind::PermissionDenied => anyhow!(
+            "permission denied on {}: the control socket is for root and the controller's user; run as root",
+            path.display()
+        ),
+        _ => anyhow!("connecting to {}: {e}", path.display()),
+    })?;
+    write_frame(&mut stream, &encode_request(request))
+        .await
+        .context("sending the request")?;
+    let frame = read_frame(&mut stream).await.map_err(|e| match e {
+        FrameError::Closed => anyhow!("the controller closed the connection without a reply"),
+        FrameError::TooLarge(n) => {
+            anyhow!("the controller's reply ({n} bytes) is over the frame limit")
+        }
+        FrameError::Io(e) => anyhow!("reading the reply: {e}"),
+    })?;
+    Ok(decode_reply(&frame)?)
+}
+
+/// Prints a reply: JSON when asked, else a table or the message.
+pub fn print(reply: &Reply, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value = match reply {
+            Reply::Status(s) => serde_json::to_value(s)?,
+            Reply::Policy(p) => serde_json::to_value(p)?,
+            Reply::Done { message } => serde_json::json!({ "message": message }),
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    match reply {
+        Reply::Status(s) => print!("{}", format_status(s)),
+        Reply::Policy(p) => print!("{}", format_policy(p)),
+        Reply::Done { message } => println!("{message}"),
+    }
+    Ok(())
+}
+
+/// Name of a policy as the CLI spells it.
+pub fn policy_name(p: PolicyName) -> &'static str {
+    match p {
+        PolicyName::Cpu => "cpu",
+        PolicyName::Hash => "hash",
+    }
+}
+
+fn join<T: ToString>(items: &[T], sep: &str) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
+fn format_status(s: &StatusReport) -> String {
+    let mut out = format!(
+        "balancer pid {}, up {}, policy {}{}, listening on {}\n",
+        s.pid,
+        humantime::format_duration(std::time::Duration::from_secs(s.uptime_secs as u64)),
+        policy_name(s.policy),
+        s.weights
+            .as_ref()
+            .map_or(String::new(), |w| format!(" (weights {})", join(w, ","))),
+        s.listen.join(", ")
+    );
+    if let (Some(ns), Some(runs)) = (s.bpf_ns_per_selection, s.bpf_runs) {
+        out.push_str(&format!(
+            "program cost: {ns:.0} ns per selection over {runs} runs\n"
+        ));
+    }
+    let mut rows = vec![[
+        "SLOT",
+        "PID",
+        "STATE",
+        "CPUS",
+        "RESTARTS",
+        "QUEUE",
+        "STEERED",
+        "BY-CPU",
+        "BY-HASH",
+        "FALLBACK",
+        "MIGRATED",
+        "SELECT-ERRORS",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for slot in &s.slots {
+        rows.push(vec![
+            slot.slot.to_string(),
+            slot.pid.map_or("-".into(), |p| p.to_string()),
+            slot.state.clone(),
+            if slot.cpus.is_empty() {
+                "-".into()
+            } else {
+                join(&slot.cpus, ",")
+            },
+            slot.restarts.to_string(),
+            slot.queue.to_string(),
+            slot.steered.to_string(),
+            slot.by_cpu.to_string(),
+            slot.by_hash.to_string(),
+            slot.fallback.to_string(),
+            slot.migrated.to_string(),
+            slot.select_errors.to_string(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+fn format_policy(p: &PolicyReport) -> String {
+    let mut out = format!(
+        "policy {}{}\nlive slots: {}\n",
+        policy_name(p.policy),
+        p.weights
+            .as_ref()
+            .map_or(String::new(), |w| format!(", weights {}", join(w, ","))),
+        if p.live.is_empty() {
+            "none (connections queue on every slot until a worker is ready)".to_owned()
+        } else {
+            join(&p.live, " ")
+        }
+    );
+    let mut cpu_rows = vec![vec!["CPU".to_owned(), "SLOTS (cpu policy)".to_owned()]];
+    for (cpu, slots) in &p.cpu_table {
+        cpu_rows.push(vec![cpu.to_string(), join(slots, ",")]);
+    }
+    out.push_str(&table(&cpu_rows));
+    let total: u32 = p.hash_buckets.iter().map(|(_, n)| n).sum();
+    let mut hash_rows = vec![vec![
+        "SLOT".to_owned(),
+        "HASH-BUCKETS".to_owned(),
+        "SHARE".to_owned(),
+    ]];
+    for (slot, n) in &p.hash_buckets {
+        hash_rows.push(vec![
+            slot.to_string(),
+            n.to_string(),
+            format!("{:.1}%", 100.0 * f64::from(*n) / f64::from(total.max(1))),
+        ]);
+    }
+    out.push_str(&table(&hash_rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_table_shows_shares() {
+        let p = PolicyReport {
+            policy: PolicyName::Hash,
+            weights: Some(vec![1, 3]),
+            live: vec![0, 1],
+            cpu_table: vec![(0, vec![0]), (1, vec![1])],
+            hash_buckets: vec![(0, 256), (1, 768)],
+        };
+        let text = format_policy(&p);
+        assert!(
+            text.starts_with("policy hash, weights 1,3\nlive slots: 0 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("75.0%"), "{text}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Runtime control: the protocol, the controller's socket, and the CLI's client.
+pub mod client;
+pub mod protocol;
+pub mod server;

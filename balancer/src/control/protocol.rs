@@ -1,0 +1,410 @@
+//! The control protocol, shared by the controller's server and the CLI client.
+//!
+//! Frames are a 4-byte big-endian length and that many bytes of JSON. A request frame is
+//! `{"version":1,"request":{"type":"status"}}`; a reply is `{"version":1,"ok":{…}}` or
+//! `{"version":1,"error":{"kind":"…","message":"…"}}`. Anything malformed, oversized,
+//! of another version or unknown gets an error reply and changes nothing.
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Steering policy names on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    /// By RX CPU.
+    Cpu,
+    /// By flow hash.
+    Hash,
+}
+
+/// What a client asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Request {
+    /// Slots, workers, counters.
+    Status,
+    /// The active policy and its tables.
+    Policy,
+    /// Change the policy (and hash weights).
+    SetPolicy {
+        /// The new policy.
+        policy: PolicyName,
+        /// Per-slot weights for the hash table; `None` for equal shares.
+        weights: Option<Vec<u32>>,
+    },
+    /// Rolling restart of one slot or all.
+    Restart {
+        /// One slot, or all when `None`.
+        slot: Option<u32>,
+    },
+    /// Change the number of slots.
+    Scale {
+        /// The new number of slots.
+        workers: u32,
+    },
+    /// Take a slot out of the tables, keeping its worker.
+    Drain {
+        /// The slot.
+        slot: u32,
+    },
+    /// Put a drained slot back.
+    Undrain {
+        /// The slot.
+        slot: u32,
+    },
+}
+
+impl Request {
+    /// Whether the request changes the balancer (and so needs root or the controller's uid).
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Request::Status | Request::Policy)
+    }
+}
+
+/// One slot in a status reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// Slot number.
+    pub slot: u32,
+    /// Worker pid, when one runs.
+    pub pid: Option<u32>,
+    /// starting / ready / draining / down / backing-off / removing.
+    pub state: String,
+    /// CPUs whose connections the cpu policy sends here (or the worker's pinning).
+    pub cpus: Vec<u32>,
+    /// Times the slot's worker was replaced.
+    pub restarts: u32,
+    /// Connections waiting in the slot's accept queue(s), summed over addresses.
+    pub queue: u32,
+    /// New connections steered here (all paths, all addresses).
+    pub steered: u64,
+    /// Of those, chosen by the cpu policy.
+    pub by_cpu: u64,
+    /// Chosen by the hash policy.
+    pub by_hash: u64,
+    /// Chosen as fallback.
+    pub fallback: u64,
+    /// Queued connections moved here from a closing socket.
+    pub migrated: u64,
+    /// Failed selections of this slot.
+    pub select_errors: u64,
+}
+
+/// The status reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Controller pid.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_secs: f64,
+    /// Active policy.
+    pub policy: PolicyName,
+    /// Hash weights, if set.
+    pub weights: Option<Vec<u32>>,
+    /// Bound listen addresses.
+    pub listen: Vec<String>,
+    /// Every slot.
+    pub slots: Vec<SlotStatus>,
+    /// Average program run time per selection, when `--bpf-stats` is on.
+    pub bpf_ns_per_selection: Option<f64>,
+    /// Program runs counted by the kernel, when `--bpf-stats` is on.
+    pub bpf_runs: Option<u64>,
+}
+
+/// The policy reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// Active policy.
+    pub policy: PolicyName,
+    /// Hash weights, if set.
+    pub weights: Option<Vec<u32>>,
+    /// Slots that take new connections now.
+    pub live: Vec<u32>,
+    /// For each online CPU, the slots its connections go to under the cpu policy.
+    pub cpu_table: Vec<(u32, Vec<u32>)>,
+    /// For each slot, how many of the hash table's buckets name it.
+    pub hash_buckets: Vec<(u32, u32)>,
+}
+
+/// A successful reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Reply {
+    /// To [`Request::Status`].
+    Status(StatusReport),
+    /// To [`Request::Policy`].
+    Policy(PolicyReport),
+    /// A change was made.
+    Done {
+        /// What was done, for people.
+        message: String,
+    },
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Not a JSON request envelope.
+    Malformed,
+    /// Frame over [`MAX_FRAME`].
+    TooLarge,
+    /// Another protocol version.
+    WrongVersion,
+    /// A request type this controller does not know.
+    UnknownRequest,
+    /// The peer may not change the balancer.
+    PermissionDenied,
+    /// The request's values are not acceptable.
+    Invalid,
+    /// Another change is in progress.
+    Busy,
+    /// The change was tried and failed.
+    Failed,
+}
+
+/// An error reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The cause, for scripts.
+    pub kind: ErrorKind,
+    /// The cause and the fix, for people.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// Builds an error reply.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The outcome of a request.
+pub type Outcome = Result<Reply, ErrorReply>;
+
+#[derive(Serialize, Deserialize)]
+struct RequestFrame {
+    version: u32,
+    request: Request,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ReplyBody {
+    Ok(Reply),
+    Error(ErrorReply),
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReplyFrame {
+    version: u32,
+    #[serde(flatten)]
+    body: ReplyBody,
+}
+
+/// Reading a frame failed.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The peer closed the connection cleanly between frames.
+    Closed,
+    /// The announced length is over [`MAX_FRAME`]; the stream cannot be resynchronised.
+    TooLarge(usize),
+    /// I/O failed.
+    Io(io::Error),
+}
+
+/// Reads one length-delimited frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<BytesMut, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(FrameError::Io(e)),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = BytesMut::zeroed(len);
+    r.read_exact(&mut buf).await.map_err(FrameError::Io)?;
+    Ok(buf)
+}
+
+/// Writes one length-delimited frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> io::Result<()> {
+    if payload.len() > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "frame of {} bytes is over the {MAX_FRAME}-byte limit",
+                payload.len()
+            ),
+        ));
+    }
+    let mut frame = BytesMut::with_capacity(4 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    w.write_all(frame.chunk()).await?;
+    w.flush().await
+}
+
+/// Encodes a request frame's payload.
+pub fn encode_request(request: &Request) -> Vec<u8> {
+    serde_json::to_vec(&RequestFrame {
+        version: VERSION,
+        request: request.clone(),
+    })
+    .expect("requests always serialise")
+}
+
+/// Decodes a request payload, telling malformed, wrong-version and unknown requests apart.
+pub fn decode_request(payload: &[u8]) -> Result<Request, ErrorReply> {
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|e| {
+        ErrorReply::new(
+            ErrorKind::Malformed,
+            format!("the request is not JSON: {e}"),
+        )
+    })?;
+    let version = value
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| {
+            ErrorReply::new(
+                ErrorKind::Malformed,
+                "the request has no numeric \"version\" field",
+            )
+        })?;
+    if version != u64::from(VERSION) {
+        return Err(ErrorReply::new(
+            ErrorKind::WrongVersion,
+            format!(
+                "protocol version {version} is not supported (this controller speaks {VERSION}): use the balancer CLI of the same release"
+            ),
+        ));
+    }
+    let request = value.get("request").ok_or_else(|| {
+        ErrorReply::new(ErrorKind::Malformed, "the request has no \"request\" field")
+    })?;
+    serde_json::from_value(request.clone()).map_err(|e| {
+        ErrorReply::new(
+            ErrorKind::UnknownRequest,
+            format!("unknown or invalid request {request}: {e}"),
+        )
+    })
+}
+
+/// Encodes a reply frame's payload.
+pub fn encode_reply(outcome: &Outcome) -> Vec<u8> {
+    let body = match outcome {
+        Ok(r) => ReplyBody::Ok(r.clone()),
+        Err(e) => ReplyBody::Error(e.clone()),
+    };
+    serde_json::to_vec(&ReplyFrame {
+        version: VERSION,
+        body,
+    })
+    .expect("replies always serialise")
+}
+
+/// Decodes a reply payload.
+pub fn decode_reply(payload: &[u8]) -> io::Result<Outcome> {
+    let frame: ReplyFrame = serde_json::from_slice(payload).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the controller's reply is not understood ({e}); is it of another release?"),
+        )
+    })?;
+    Ok(match frame.body {
+        ReplyBody::Ok(r) => Ok(r),
+        ReplyBody::Error(e) => Err(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixStream;
+
+    #[tokio::test]
+    async fn requests_and_replies_round_trip_over_a_socket_pair() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let req = Request::SetPolicy {
+            policy: PolicyName::Hash,
+            weights: Some(vec![1, 3]),
+        };
+        write_frame(&mut a, &encode_request(&req)).await.unwrap();
+        let got = decode_request(&read_frame(&mut b).await.unwrap()).unwrap();
+        assert_eq!(got, req);
+        let reply: Outcome = Err(ErrorReply::new(ErrorKind::Busy, "busy"));
+        write_frame(&mut b, &encode_reply(&reply)).await.unwrap();
+        let back = decode_reply(&read_frame(&mut a).await.unwrap()).unwrap();
+        assert_eq!(back, reply);
+        drop(a);
+        assert!(matches!(read_frame(&mut b).await, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading_them() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_frame(&mut b).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(write_frame(&mut a, &vec![b' '; MAX_FRAME + 1])
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn bad_requests_are_told_apart() {
+        let kind = |p: &[u8]| decode_request(p).unwrap_err().kind;
+        assert_eq!(kind(b"\x00garbage"), ErrorKind::Malformed);
+        assert_eq!(
+            kind(br#"{"request":{"type":"status"}}"#),
+            ErrorKind::Malformed
+        );
+        assert_eq!(
+            kind(br#"{"version":2,"request":{"type":"status"}}"#),
+            ErrorKind::WrongVersion
+        );
+        assert_eq!(
+            kind(br#"{"version":1,"request":{"type":"explode"}}"#),
+            ErrorKind::UnknownRequest
+        );
+        assert_eq!(
+            kind(br#"{"version":1,"request":{"type":"scale","workers":"many"}}"#),
+            ErrorKind::UnknownRequest
+        );
+        assert_eq!(
+            decode_request(br#"{"version":1,"request":{"type":"drain","slot":2}}"#).unwrap(),
+            Request::Drain { slot: 2 }
+        );
+    }
+
+    #[test]
+    fn only_changes_need_privilege() {
+        assert!(!Request::Status.changes_state());
+        assert!(!Request::Policy.changes_state());
+        assert!(Request::Scale { workers: 2 }.changes_state());
+    }
+}
