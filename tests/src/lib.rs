@@ -175,9 +175,26 @@ pub fn parse_report(lines: &[String]) -> Vec<Row> {
         .collect()
 }
 
+/// A control socket path no other test uses.
+pub fn unique_path(what: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = scratch_dir();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{}-{n}-{what}", std::process::id()))
+}
+
+/// A directory for the tests' sockets and scripts.
+pub fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("balancer-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A running controller.
 pub struct Balancer {
     child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
     lines: Receiver<String>,
     stdout: Vec<String>,
     stderr: Arc<Mutex<String>>,
@@ -197,8 +214,11 @@ impl Balancer {
     /// Starts `balancer run ARGS` and waits only for its listening lines.
     pub fn start_unready(args: &[&str]) -> Self {
         require_root();
+        let control = unique_path("control.sock");
         let mut child = Command::new(balancer_bin())
             .arg("run")
+            .arg("--control")
+            .arg(&control)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -226,6 +246,7 @@ impl Balancer {
         });
         let mut b = Self {
             child,
+            control,
             lines,
             stdout: Vec::new(),
             stderr,
@@ -253,6 +274,27 @@ impl Balancer {
             b.stdout
         );
         b
+    }
+
+    /// Runs `balancer ARGS --control <this controller's socket>` (the CLI), to completion.
+    pub fn cli(&self, args: &[&str]) -> Finished {
+        let control = self.control.to_str().unwrap().to_owned();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--control", &control]);
+        run_to_end(&all, |_| {})
+    }
+
+    /// `balancer status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let f = self.cli(&["status", "--json"]);
+        assert!(f.status.success(), "status failed: {}", f.stderr);
+        serde_json::from_str(&f.stdout)
+            .unwrap_or_else(|e| panic!("status --json: {e}: {}", f.stdout))
+    }
+
+    /// The stdout lines read so far.
+    pub fn stdout_lines(&self) -> &[String] {
+        &self.stdout
     }
 
     /// The controller's pid.

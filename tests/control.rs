@@ -1,0 +1,739 @@
+//! Runtime control against the real kernel: policy switches, weights, rolling restarts,
+//! scaling with migration, drains, the control socket's defences, status, metrics, pinning.
+use std::{
+    collections::{HashMap, HashSet},
+    io::{Read, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use balancer_tests::{
+    alive, balancer_bin, get, online_cpus, pin_thread, read_answer, run_to_end, scratch_dir,
+    send_request, unique_path, Answer, Balancer, IO_TIMEOUT,
+};
+use serde_json::Value;
+
+/// An answer with the phase the request started in and the phase it ended in.
+type Phased = (u32, u32, Answer);
+
+/// A client loop on one CPU (or unpinned), bounded in count and time, recording every answer
+/// with the phase it started and ended in.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<Vec<Phased>>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, cpus: &[Option<u32>], phase: Arc<AtomicU32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicU64::new(0));
+        let threads = cpus
+            .iter()
+            .map(|&cpu| {
+                let (stop, failed, phase) = (stop.clone(), failed.clone(), phase.clone());
+                thread::spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_thread(cpu);
+                    }
+                    let deadline = Instant::now() + Duration::from_secs(40);
+                    let mut out = Vec::new();
+                    for _ in 0..40_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        let before = phase.load(Ordering::SeqCst);
+                        match get(addr) {
+                            Ok(a) => out.push((before, phase.load(Ordering::SeqCst), a)),
+                            Err(e) => {
+                                eprintln!("client: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        thread::sleep(Duration::from_micros(500));
+                    }
+                    out
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            failed,
+            threads,
+        }
+    }
+
+    /// Stops the clients; returns (answers per thread, failures).
+    fn finish(self) -> (Vec<Vec<Phased>>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let answers = self
+            .threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        (answers, self.failed.load(Ordering::Relaxed))
+    }
+}
+
+fn ok(f: &balancer_tests::Finished) -> &str {
+    assert!(
+        f.status.success(),
+        "command failed ({}):\n{}{}",
+        f.status,
+        f.stdout,
+        f.stderr
+    );
+    &f.stdout
+}
+
+fn pids(status: &Value) -> Vec<u64> {
+    status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_u64().expect("every slot has a worker"))
+        .collect()
+}
+
+fn sum(status: &Value, field: &str) -> u64 {
+    status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[field].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn policy_switches_under_load_lose_nothing_and_take_effect() {
+    let cpus = online_cpus();
+    let n = cpus.len();
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "cpu",
+        "--workers",
+        &n.to_string(),
+    ]);
+    let phase = Arc::new(AtomicU32::new(0));
+    let load = Load::start(
+        b.addrs[0],
+        &cpus.iter().map(|c| Some(*c)).collect::<Vec<_>>(),
+        phase.clone(),
+    );
+    // Phases 0 (cpu), 2 (hash) and 4 (cpu) are stable; 1 and 3 cover the switches, whose
+    // moment of publication the client cannot know.
+    let mut latencies = Vec::new();
+    for (next, policy) in [(2, "hash"), (4, "cpu")] {
+        thread::sleep(Duration::from_millis(400));
+        phase.store(next - 1, Ordering::SeqCst);
+        let f = b.cli(&["policy", "set", policy]);
+        let out = ok(&f).to_owned();
+        assert!(out.contains(&format!("policy {policy}")), "{out}");
+        latencies.push(out.trim().to_owned());
+        phase.store(next, Ordering::SeqCst);
+    }
+    thread::sleep(Duration::from_millis(400));
+    let (answers, failed) = load.finish();
+    assert_eq!(failed, 0, "connections failed across the policy switches");
+    for (pos, per_cpu) in answers.iter().enumerate() {
+        let in_phase = |p: u32| -> Vec<&Answer> {
+            per_cpu
+                .iter()
+                .filter(|(a, b, _)| *a == p && *b == p)
+                .map(|(_, _, x)| x)
+                .collect()
+        };
+        for p in [0, 4] {
+            let v = in_phase(p);
+            assert!(v.len() > 20, "phase {p}: {} answers", v.len());
+            assert!(
+                v.iter().all(|a| a.slot == pos as u32),
+                "cpu policy (phase {p}): CPU {} must stay on slot {pos}",
+                cpus[pos]
+            );
+        }
+        let hashed: HashSet<u32> = in_phase(2).iter().map(|a| a.slot).collect();
+        assert_eq!(
+            hashed.len(),
+            n,
+            "hash policy spreads CPU {}'s connections",
+            cpus[pos]
+        );
+    }
+    let status = b.status();
+    assert_eq!(status["policy"], "cpu");
+    assert!(sum(&status, "by_hash") > 0 && sum(&status, "by_cpu") > 0);
+    assert_eq!(sum(&status, "select_errors"), 0);
+    println!("policy switches: {latencies:?}");
+}
+
+#[test]
+fn weights_1_to_3_give_shares_of_25_and_75_percent() {
+    const CONNS: usize = 4000;
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "cpu",
+    ]);
+    ok(&b.cli(&["policy", "set", "hash", "--weights", "1,3"]));
+    let policy: Value = serde_json::from_str(ok(&b.cli(&["policy", "--json"]))).unwrap();
+    assert_eq!(
+        policy["hash_buckets"],
+        serde_json::json!([[0, 256], [1, 768]])
+    );
+    let mut seen = [0usize; 2];
+    for _ in 0..CONNS {
+        seen[get(b.addrs[0]).unwrap().slot as usize] += 1;
+    }
+    let share = seen[0] as f64 / CONNS as f64;
+    // sd of the share is 0.7 points at 4000 connections; ±4 points is > 5 sd.
+    assert!(
+        (share - 0.25).abs() <= 0.04,
+        "slot 0 got {:.1} %: {seen:?}",
+        share * 100.0
+    );
+    // Bad weights are refused and change nothing.
+    let f = b.cli(&["policy", "set", "hash", "--weights", "1,2,3"]);
+    assert!(
+        !f.status.success() && f.stderr.contains("3 weights for 2 slots"),
+        "{}",
+        f.stderr
+    );
+    let f = b.cli(&["policy", "set", "cpu", "--weights", "1,3"]);
+    assert!(
+        !f.status.success() && f.stderr.contains("hash"),
+        "{}",
+        f.stderr
+    );
+    let f = b.cli(&["policy", "set", "hash", "--weights", "0,0"]);
+    assert!(
+        !f.status.success() && f.stderr.contains("every weight is 0"),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(b.status()["weights"], serde_json::json!([1, 3]));
+    println!("weights 1:3 over {CONNS} connections: {seen:?}");
+}
+
+#[test]
+fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+    ]);
+    let before = pids(&b.status());
+    let phase = Arc::new(AtomicU32::new(0));
+    let load = Load::start(b.addrs[0], &[None, None], phase.clone());
+    thread::sleep(Duration::from_millis(300));
+    let f = b.cli(&["workers", "restart"]);
+    let out = ok(&f).to_owned();
+    phase.store(1, Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(300));
+    let (answers, failed) = load.finish();
+    assert_eq!(failed, 0, "connections failed during the rolling restart");
+    let after = pids(&b.status());
+    for (old, new) in before.iter().zip(&after) {
+        assert_ne!(old, new, "every pid changes: {before:?} -> {after:?}");
+        assert!(out.contains(&format!("{old} -> {new}")), "{out}");
+    }
+    let late: HashSet<u32> = answers
+        .iter()
+        .flatten()
+        .filter(|(a, _, _)| *a == 1)
+        .map(|(_, _, x)| x.pid)
+        .collect();
+    assert!(
+        late.iter().all(|p| after.contains(&u64::from(*p))),
+        "{late:?} vs {after:?}"
+    );
+    let status = b.status();
+    assert!(status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["restarts"] == 1 && s["state"] == "ready"));
+    println!("rolling restart under load: {out}");
+}
+
+#[test]
+fn a_new_worker_that_never_becomes_ready_leaves_the_old_one_serving() {
+    let flag = unique_path("refuse.flag");
+    let script = unique_path("worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then echo 'refusing to start' >&2; exit 3; fi\nexec '{}' demo-worker\n",
+            flag.display(),
+            balancer_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+        "--",
+        script.to_str().unwrap(),
+    ]);
+    let before = pids(&b.status());
+    std::fs::write(&flag, "").unwrap();
+    let f = b.cli(&["workers", "restart", "--slot", "0"]);
+    assert!(!f.status.success(), "the restart must fail: {}", f.stdout);
+    assert!(
+        f.stderr
+            .contains("exited with status 3 before it was ready")
+            && f.stderr
+                .contains(&format!("the old worker (pid {}) keeps serving", before[0])),
+        "{}",
+        f.stderr
+    );
+    let after = b.status();
+    assert_eq!(pids(&after), before);
+    assert_eq!(after["slots"][0]["state"], "ready");
+    let slot0: Vec<Answer> = (0..200)
+        .map(|_| get(b.addrs[0]).unwrap())
+        .filter(|a| a.slot == 0)
+        .collect();
+    assert!(!slot0.is_empty() && slot0.iter().all(|a| u64::from(a.pid) == before[0]));
+    let _ = std::fs::remove_file(&flag);
+    let _ = std::fs::remove_file(&script);
+}
+
+#[test]
+fn scale_down_under_load_moves_queued_connections_and_loses_none() {
+    const QUEUED: usize = 400;
+    const DURING: usize = 200;
+    let bin = balancer_bin();
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "4",
+        "--policy",
+        "hash",
+        "--",
+        bin.to_str().unwrap(),
+        "demo-worker",
+        "--accept-delay",
+        "10ms",
+    ]);
+    let addr = b.addrs[0];
+    // Slow workers (100 accepts/s each): these pile up in all four queues.
+    let mut conns: Vec<_> = (0..QUEUED)
+        .map(|i| send_request(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    let queued_before = b.status()["slots"].as_array().unwrap()[2..]
+        .iter()
+        .map(|s| s["queue"].as_u64().unwrap())
+        .sum::<u64>();
+    let control = b.control.clone();
+    let scaler = thread::spawn(move || {
+        run_to_end(
+            &[
+                "workers",
+                "scale",
+                "2",
+                "--control",
+                control.to_str().unwrap(),
+            ],
+            |_| {},
+        )
+    });
+    for i in 0..DURING {
+        conns.push(
+            send_request(addr).unwrap_or_else(|e| panic!("connection {i} during the scale: {e}")),
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    let f = scaler.join().unwrap();
+    let out = ok(&f).to_owned();
+    let answers: Vec<Answer> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| read_answer(s).unwrap_or_else(|e| panic!("connection {i} lost: {e}")))
+        .collect();
+    assert_eq!(answers.len(), QUEUED + DURING);
+    let status = b.status();
+    assert_eq!(status["slots"].as_array().unwrap().len(), 2);
+    let migrated = sum(&status, "migrated");
+    assert!(queued_before > 0, "the removed slots had a queue");
+    assert!(
+        migrated > 0,
+        "the migrate program moved the closing sockets' queues: {status}"
+    );
+    assert!(
+        out.contains(&format!("{migrated} queued connection(s) moved")),
+        "{out}"
+    );
+    assert_eq!(sum(&status, "select_errors"), 0);
+    println!(
+        "scale 4 -> 2: {} connections, 0 lost, {queued_before} queued on the removed slots at the start, {migrated} migrated",
+        answers.len()
+    );
+}
+
+#[test]
+fn scale_up_new_slots_take_traffic_once_ready() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+    ]);
+    let out = ok(&b.cli(&["workers", "scale", "4"])).to_owned();
+    assert!(out.contains("scaled to 4 workers"), "{out}");
+    let status = b.status();
+    let slots = status["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 4);
+    assert!(slots.iter().all(|s| s["state"] == "ready"), "{status}");
+    let mut seen = [0u32; 4];
+    for _ in 0..800 {
+        seen[get(b.addrs[0]).unwrap().slot as usize] += 1;
+    }
+    assert!(seen[2] > 0 && seen[3] > 0, "{seen:?}");
+    let f = b.cli(&["workers", "scale", "0"]);
+    assert!(!f.status.success());
+}
+
+#[test]
+fn a_drained_slot_gets_nothing_new_while_its_worker_stays_up() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+    ]);
+    let worker1 = pids(&b.status())[1];
+    ok(&b.cli(&["drain", "--slot", "1"]));
+    let status = b.status();
+    assert_eq!(status["slots"][1]["state"], "draining");
+    for _ in 0..400 {
+        assert_eq!(
+            get(b.addrs[0]).unwrap().slot,
+            0,
+            "a drained slot takes no new connection"
+        );
+    }
+    assert!(
+        alive(worker1 as u32),
+        "the drained slot's worker keeps running"
+    );
+    let f = b.cli(&["drain", "--slot", "0"]);
+    assert!(
+        !f.status.success() && f.stderr.contains("would leave no slot"),
+        "{}",
+        f.stderr
+    );
+    let f = b.cli(&["drain", "--slot", "7"]);
+    assert!(
+        !f.status.success() && f.stderr.contains("there is no slot 7"),
+        "{}",
+        f.stderr
+    );
+    ok(&b.cli(&["undrain", "--slot", "1"]));
+    let back = (0..400)
+        .filter(|_| get(b.addrs[0]).unwrap().slot == 1)
+        .count();
+    assert!(back > 0, "an undrained slot takes connections again");
+    assert_eq!(pids(&b.status())[1], worker1);
+}
+
+fn raw_exchange(path: &std::path::Path, bytes: &[u8]) -> Value {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn the_control_socket_answers_bad_requests_and_stays_up_unchanged() {
+    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let before = b.status();
+    for (bytes, kind) in [
+        (b"this is not a frame at all\n".to_vec(), "too-large"),
+        ((1u32 << 30).to_be_bytes().to_vec(), "too-large"),
+        (frame(b"{{{ not json"), "malformed"),
+        (
+            frame(br#"{"version":1,"request":{"type":"explode"}}"#),
+            "unknown-request",
+        ),
+        (
+            frame(br#"{"version":7,"request":{"type":"status"}}"#),
+            "wrong-version",
+        ),
+        (
+            frame(br#"{"version":1,"request":{"type":"scale","workers":"lots"}}"#),
+            "unknown-request",
+        ),
+    ] {
+        let reply = raw_exchange(&b.control, &bytes);
+        assert_eq!(reply["error"]["kind"], kind, "{reply}");
+        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // A good request on the same kind of connection still works.
+    let reply = raw_exchange(
+        &b.control,
+        &frame(br#"{"version":1,"request":{"type":"policy"}}"#),
+    );
+    assert_eq!(reply["ok"]["policy"], "cpu", "{reply}");
+    let after = b.status();
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(after["policy"], before["policy"]);
+    let mode = std::fs::metadata(&b.control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_peer_of_another_uid_may_not_change_anything() {
+    const NOBODY: u32 = 65534;
+    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    // A copy of the CLI that uid 65534 can execute, wherever the build tree is.
+    let dir = unique_path("nobody");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(scratch_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = dir.join("balancer");
+    std::fs::copy(balancer_bin(), &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let out = std::process::Command::new(&cli)
+            .args(args)
+            .arg("--control")
+            .arg(&b.control)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Mode 0600: the socket itself keeps other users out.
+    let (success, err) = as_nobody(&["policy", "set", "hash"]);
+    assert!(!success && err.contains("permission denied"), "{err}");
+    // Opened up by an operator: the controller still checks SO_PEERCRED on every change.
+    std::fs::set_permissions(&b.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (success, err) = as_nobody(&["policy", "set", "hash"]);
+    assert!(
+        !success && err.contains("uid 65534 may not change"),
+        "{err}"
+    );
+    let (success, err) = as_nobody(&["workers", "scale", "1"]);
+    assert!(!success && err.contains("may not change"), "{err}");
+    let (success, err) = as_nobody(&["status"]);
+    assert!(success, "reading is allowed to whoever can connect: {err}");
+    let status = b.status();
+    assert_eq!(status["policy"], "cpu");
+    assert_eq!(status["slots"].as_array().unwrap().len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn status_json_matches_the_workers() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "3",
+        "--policy",
+        "hash",
+    ]);
+    let mut served: HashMap<u32, u32> = HashMap::new();
+    for _ in 0..300 {
+        let a = get(b.addrs[0]).unwrap();
+        served.insert(a.slot, a.pid);
+    }
+    let status = b.status();
+    assert_eq!(status["pid"].as_u64().unwrap(), u64::from(b.pid()));
+    assert_eq!(status["listen"][0], b.addrs[0].to_string());
+    let slots = status["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 3);
+    for s in slots {
+        let slot = s["slot"].as_u64().unwrap() as u32;
+        assert_eq!(
+            s["pid"].as_u64().unwrap() as u32,
+            served[&slot],
+            "slot {slot}"
+        );
+        assert_eq!(s["state"], "ready");
+        assert!(alive(served[&slot]));
+    }
+    assert_eq!(sum(&status, "steered"), 300);
+    let table = ok(&b.cli(&["status"])).to_owned();
+    assert!(table.contains("SLOT") && table.contains("QUEUE"), "{table}");
+}
+
+#[test]
+fn sighup_restarts_every_slot() {
+    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let before = pids(&b.status());
+    b.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = b.status();
+        let now = pids(&s);
+        if now.iter().zip(&before).all(|(a, b)| a != b)
+            && s["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|x| x["state"] == "ready")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not restart every slot: {before:?} -> {now:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text_format() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics",
+        "127.0.0.1:0",
+        "--bpf-stats",
+    ]);
+    let url = b
+        .stdout_lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics on http://"))
+        .expect("metrics line")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    for _ in 0..10 {
+        get(b.addrs[0]).unwrap();
+    }
+    let mut s = std::net::TcpStream::connect(&url).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let total: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("balancer_selections_total{") && l.contains("path=\"cpu\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 10, "{text}");
+    for family in [
+        "balancer_select_errors_total",
+        "balancer_worker_restarts_total",
+        "balancer_accept_queue_depth",
+        "balancer_worker_state{slot=\"0\",state=\"ready\"} 1",
+        "balancer_policy_info{policy=\"cpu\"} 1",
+        "balancer_program_runs_total",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    let status = b.status();
+    assert!(
+        status["bpf_ns_per_selection"].as_f64().unwrap() > 0.0,
+        "{status}"
+    );
+}
+
+#[test]
+fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
+    let mnt = unique_path("bpffs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
+    // SAFETY: mount(2) with valid C strings; the test owns this private mount point.
+    let r = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "mount bpffs: {}", std::io::Error::last_os_error());
+    let dir = mnt.join("group");
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--bpffs-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let addr_dir = dir.join(format!("127_0_0_1_{}", b.addrs[0].port()));
+    for name in ["select_socket", "SOCKETS", "CONFIG", "TABLES", "COUNTERS"] {
+        assert!(
+            addr_dir.join(name).exists(),
+            "{name} pinned under {}",
+            addr_dir.display()
+        );
+    }
+    let (status, _) = b.stop();
+    assert!(status.success());
+    assert!(!dir.exists(), "unpinned on a clean exit");
+    // SAFETY: unmounting what this test mounted.
+    unsafe { libc::umount(c.as_ptr()) };
+    let _ = std::fs::remove_dir(&mnt);
+}
+
+#[test]
+fn a_second_controller_on_the_same_control_socket_is_refused() {
+    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "1"]);
+    let f = run_to_end(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            b.control.to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    assert!(!f.status.success());
+    assert!(
+        f.stderr.contains(&format!(
+            "another balancer (pid {}) is already running",
+            b.pid()
+        )),
+        "{}",
+        f.stderr
+    );
+}
