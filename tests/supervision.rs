@@ -33,6 +33,8 @@ fn sigkill_of_a_worker_loses_no_connection() {
     let n = cpus.len();
     let victim_cpu = *cpus.last().unwrap();
     let victim_slot = (n - 1) as u32;
+    // Load awareness off: this test is about supervision alone, so every connection made on
+    // the victim's CPU must queue on the victim's socket (no spill, no stall evacuation).
     let mut b = Balancer::start(&[
         "--listen",
         "127.0.0.1:0",
@@ -40,6 +42,10 @@ fn sigkill_of_a_worker_loses_no_connection() {
         "cpu",
         "--workers",
         &n.to_string(),
+        "--spill-depth",
+        "0",
+        "--stall-timeout",
+        "0",
     ]);
     let addr = b.addrs[0];
 

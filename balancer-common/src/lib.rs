@@ -14,6 +14,10 @@ pub mod maps {
     pub const TABLES: &str = "TABLES";
     /// `PERCPU_ARRAY` of [`crate::SlotCounters`]: index = slot, plus one for [`crate::NO_SLOT`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `ARRAY` of `u32`: index = slot, value = its accept-queue depth as last sampled.
+    pub const DEPTHS: &str = "DEPTHS";
+    /// `PERCPU_ARRAY` of one `u32`: each CPU's round-robin position.
+    pub const ROTATION: &str = "ROTATION";
 }
 
 /// Name of the select program in the eBPF object.
@@ -51,6 +55,10 @@ pub enum PolicyKind {
     Cpu = 0,
     /// Slot from the flow hash through the indirection table.
     Hash = 1,
+    /// Each CPU rotates over the live slots.
+    RoundRobin = 2,
+    /// The less loaded (accept-queue depth) of two random live slots.
+    LeastLoaded = 3,
 }
 
 impl PolicyKind {
@@ -59,6 +67,8 @@ impl PolicyKind {
         match v {
             0 => Some(Self::Cpu),
             1 => Some(Self::Hash),
+            2 => Some(Self::RoundRobin),
+            3 => Some(Self::LeastLoaded),
             _ => None,
         }
     }
@@ -72,6 +82,11 @@ pub struct Config {
     pub policy: u32,
     /// Which of the two [`maps::TABLES`] entries is live (0 or 1).
     pub active: u32,
+    /// With the cpu and hash policies: a first choice whose queue is at least this deep
+    /// spills to the least loaded live slot. 0 turns spilling off.
+    pub spill_depth: u32,
+    /// Keeps the size a multiple of 8.
+    pub _pad: u32,
 }
 
 /// One buffer of the steering tables. Every entry names a slot whose socket is in
@@ -100,6 +115,12 @@ pub struct SlotCounters {
     pub by_cpu: u64,
     /// Selected as the hash policy's first choice.
     pub by_hash: u64,
+    /// Selected by the round-robin policy.
+    pub by_round_robin: u64,
+    /// Selected by the least-loaded policy.
+    pub by_least_loaded: u64,
+    /// Selected because the first choice's queue was at or over the spill depth.
+    pub spilled: u64,
     /// Selected as a fallback after another slot's selection failed.
     pub fallback: u64,
     /// Received a connection migrated from a closing socket (`sk_reuseport/migrate`).
@@ -111,13 +132,21 @@ pub struct SlotCounters {
 impl SlotCounters {
     /// New connections this slot received, by any path (migrations not included).
     pub const fn selected(&self) -> u64 {
-        self.by_cpu + self.by_hash + self.fallback
+        self.by_cpu
+            + self.by_hash
+            + self.by_round_robin
+            + self.by_least_loaded
+            + self.spilled
+            + self.fallback
     }
 
     /// Adds another CPU's (or another address's) counters to these.
     pub fn add(&mut self, other: &Self) {
         self.by_cpu += other.by_cpu;
         self.by_hash += other.by_hash;
+        self.by_round_robin += other.by_round_robin;
+        self.by_least_loaded += other.by_least_loaded;
+        self.spilled += other.spilled;
         self.fallback += other.fallback;
         self.migrated += other.migrated;
         self.select_error += other.select_error;

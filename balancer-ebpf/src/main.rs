@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     bindings::sk_action::SK_PASS,
-    helpers::bpf_get_smp_processor_id,
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -33,10 +33,19 @@ static TABLES: Array<Tables> = Array::with_max_entries(2, 0);
 #[map]
 static COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
 
+#[map]
+static DEPTHS: Array<u32> = Array::with_max_entries(MAX_SLOTS, 0);
+
+#[map]
+static ROTATION: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[derive(Clone, Copy)]
 enum Path {
     Cpu,
     Hash,
+    RoundRobin,
+    LeastLoaded,
+    Spill,
     Fallback,
     Migrate,
     SelectError,
@@ -67,15 +76,51 @@ fn select(ctx: &SkReuseportContext) {
     let hash = ctx.hash();
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let migrating = ctx.migrating_sk().is_some();
-    let (slot, path) = if config.policy == PolicyKind::Cpu as u32 && cpu < MAX_CPUS {
-        let i = cpu * CPU_FANOUT + (hash & (CPU_FANOUT - 1));
-        (tables.cpu[(i & (CPU_TABLE_LEN - 1)) as usize], Path::Cpu)
-    } else {
-        (
+    let n_live = tables.n_live;
+    let (mut slot, mut path) = match PolicyKind::from_u32(config.policy) {
+        Some(PolicyKind::Cpu) if cpu < MAX_CPUS => {
+            let i = cpu * CPU_FANOUT + (hash & (CPU_FANOUT - 1));
+            (tables.cpu[(i & (CPU_TABLE_LEN - 1)) as usize], Path::Cpu)
+        }
+        Some(PolicyKind::RoundRobin) if n_live > 0 => {
+            // Per-CPU position: no cache line is shared between CPUs.
+            let turn = match ROTATION.get_ptr_mut(0) {
+                Some(p) => unsafe {
+                    let t = *p;
+                    *p = t.wrapping_add(1);
+                    t
+                },
+                None => hash,
+            };
+            (live_at(tables, turn % n_live), Path::RoundRobin)
+        }
+        Some(PolicyKind::LeastLoaded) if n_live > 0 => {
+            // Power of two choices: two different random live slots, the shallower queue wins.
+            // (Two independent draws would pick the same slot 1/n of the time, and with two
+            // slots a stalled one would still get a quarter of the connections.)
+            let i = unsafe { bpf_get_prandom_u32() } % n_live;
+            let j = if n_live > 1 {
+                (i + 1 + unsafe { bpf_get_prandom_u32() } % (n_live - 1)) % n_live
+            } else {
+                i
+            };
+            let (a, b) = (live_at(tables, i), live_at(tables, j));
+            let slot = if depth(b) < depth(a) { b } else { a };
+            (slot, Path::LeastLoaded)
+        }
+        _ => (
             tables.buckets[(hash & (HASH_BUCKETS - 1)) as usize],
             Path::Hash,
-        )
+        ),
     };
+    let spill = config.spill_depth;
+    if spill > 0 && matches!(path, Path::Cpu | Path::Hash) && depth(slot) >= spill {
+        let (best, best_depth) = least_loaded(tables);
+        if best_depth < depth(slot) {
+            slot = best;
+            path = Path::Spill;
+        }
+    }
     if SOCKETS.select_reuseport(ctx, slot).is_ok() {
         count(slot, if migrating { Path::Migrate } else { path });
         return;
@@ -86,7 +131,6 @@ fn select(ctx: &SkReuseportContext) {
         "balancer: slot {} could not be selected; trying live slots", slot
     );
 
-    let n_live = tables.n_live;
     for i in 0..FALLBACK_TRIES {
         if i >= n_live {
             break;
@@ -111,6 +155,34 @@ fn select(ctx: &SkReuseportContext) {
 }
 
 #[inline(always)]
+fn live_at(tables: &Tables, i: u32) -> u32 {
+    tables.live[(i & (MAX_SLOTS - 1)) as usize]
+}
+
+/// The slot's accept-queue depth as the controller last sampled it.
+#[inline(always)]
+fn depth(slot: u32) -> u32 {
+    DEPTHS.get(slot).copied().unwrap_or(u32::MAX)
+}
+
+/// The live slot with the shallowest accept queue, and its depth.
+#[inline(always)]
+fn least_loaded(tables: &Tables) -> (u32, u32) {
+    let mut best = (live_at(tables, 0), u32::MAX);
+    for i in 0..MAX_SLOTS {
+        if i >= tables.n_live {
+            break;
+        }
+        let s = live_at(tables, i);
+        let d = depth(s);
+        if d < best.1 {
+            best = (s, d);
+        }
+    }
+    best
+}
+
+#[inline(always)]
 fn count(slot: u32, path: Path) {
     let Some(c) = COUNTERS.get_ptr_mut(slot) else {
         return;
@@ -120,6 +192,9 @@ fn count(slot: u32, path: Path) {
     match path {
         Path::Cpu => c.by_cpu += 1,
         Path::Hash => c.by_hash += 1,
+        Path::RoundRobin => c.by_round_robin += 1,
+        Path::LeastLoaded => c.by_least_loaded += 1,
+        Path::Spill => c.spilled += 1,
         Path::Fallback => c.fallback += 1,
         Path::Migrate => c.migrated += 1,
         Path::SelectError => c.select_error += 1,

@@ -2,6 +2,8 @@
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use balancer_common::MAX_SLOTS;
+
+use crate::control::protocol::PolicyName;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// eBPF-steered SO_REUSEPORT listener balancer with zero-loss worker supervision.
@@ -95,10 +97,13 @@ pub enum PolicyAction {
     Set {
         /// The new policy.
         #[arg(value_enum)]
-        policy: Policy,
+        policy: PolicyName,
         /// Hash shares per slot, one weight per slot (hash policy only), e.g. 1,3.
         #[arg(long, value_name = "W0,W1,...", value_delimiter = ',')]
         weights: Option<Vec<u32>>,
+        /// New spill depth for cpu and hash (0 turns spilling off) [default: unchanged].
+        #[arg(long, value_name = "N")]
+        spill_depth: Option<u32>,
     },
 }
 
@@ -164,16 +169,6 @@ pub enum LogLevel {
     Trace,
 }
 
-/// Steering policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Policy {
-    /// Keep each connection on the CPU that processed its SYN: CPU k's connections go to the
-    /// slot(s) of CPU k (slot k mod workers when there are fewer workers than CPUs).
-    Cpu,
-    /// Spread connections by flow hash through a 1024-bucket indirection table.
-    Hash,
-}
-
 /// Arguments of `balancer run`.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -200,8 +195,32 @@ pub struct RunArgs {
     pub workers: Option<u32>,
 
     /// How the eBPF program picks a slot for a new connection.
-    #[arg(long, value_enum, default_value_t = Policy::Cpu)]
-    pub policy: Policy,
+    #[arg(long, value_enum, default_value_t = PolicyName::Cpu)]
+    pub policy: PolicyName,
+
+    /// With cpu and hash: a first choice whose accept queue is at least N deep spills to the
+    /// least loaded live slot (0 turns spilling off).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub spill_depth: u32,
+
+    /// How often the controller samples every slot's accept-queue depth (the load signal of
+    /// least-loaded, spill and stall detection).
+    #[arg(long, value_name = "DUR", default_value = "1ms", value_parser = parse_positive_duration)]
+    pub sample_interval: Duration,
+
+    /// A slot whose accept queue is non-empty and has not shrunk for this long is stalled: it
+    /// leaves the tables until its queue drains. 0 turns stall detection off.
+    #[arg(long, value_name = "DUR", default_value = "300ms", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// Move the connections queued on a stalled slot to live slots (shutdown + listen on its
+    /// socket, through the sk_reuseport/migrate program).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub evacuate: bool,
+
+    /// Kill (and respawn) a worker whose slot stays stalled this long [default: never].
+    #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
+    pub kill_stalled: Option<Duration>,
 
     /// Accept-queue length of each listening socket (capped by net.core.somaxconn).
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
@@ -245,6 +264,13 @@ pub struct RunArgs {
     pub worker: Vec<OsString>,
 }
 
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".to_owned()),
+        d => Ok(d),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e}; write a duration such as 500ms, 2s or 1m"))
@@ -267,7 +293,9 @@ mod tests {
             panic!("expected run")
         };
         assert_eq!(args.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
-        assert_eq!(args.policy, Policy::Cpu);
+        assert_eq!(args.policy, PolicyName::Cpu);
+        assert_eq!(args.spill_depth, 16);
+        assert!(args.evacuate);
         assert_eq!(args.workers, None);
         assert_eq!(args.ready_timeout, Duration::from_secs(1));
         assert!(args.worker.is_empty());

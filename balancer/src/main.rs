@@ -10,6 +10,7 @@ mod privileges;
 mod proc_net;
 mod report;
 mod socket_group;
+mod stall;
 mod steering;
 mod supervisor;
 
@@ -21,14 +22,8 @@ use clap::Parser;
 use log::{info, warn};
 
 use crate::{
-    cli::{
-        Cli, Command, ControlArgs, LogLevel, Policy, PolicyAction, PolicyArgs, RunArgs,
-        WorkersCommand,
-    },
-    control::{
-        protocol::{PolicyName, Request},
-        server::ControlSocket,
-    },
+    cli::{Cli, Command, ControlArgs, LogLevel, PolicyAction, PolicyArgs, RunArgs, WorkersCommand},
+    control::{protocol::Request, server::ControlSocket},
     policy::{build_tables, CpuLayout},
     socket_group::SocketGroup,
     steering::Steering,
@@ -73,14 +68,16 @@ fn main() -> ExitCode {
         Command::Status(c) => control_call(&c, Request::Status),
         Command::Policy(PolicyArgs { control, action }) => match action {
             None => control_call(&control, Request::Policy),
-            Some(PolicyAction::Set { policy, weights }) => control_call(
+            Some(PolicyAction::Set {
+                policy,
+                weights,
+                spill_depth,
+            }) => control_call(
                 &control,
                 Request::SetPolicy {
-                    policy: match policy {
-                        Policy::Cpu => PolicyName::Cpu,
-                        Policy::Hash => PolicyName::Hash,
-                    },
+                    policy,
                     weights,
+                    spill_depth,
                 },
             ),
         },
@@ -115,6 +112,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     steering::check_object()?;
+    if args.kill_stalled.is_some() && args.stall_timeout.is_zero() {
+        anyhow::bail!("--kill-stalled acts on stalled slots, but --stall-timeout 0 turns stall detection off: give --stall-timeout a duration");
+    }
     privileges::check()?;
     let command = match args.worker.split_first() {
         Some((program, rest)) => {
@@ -161,7 +161,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         // Until a worker is ready every slot takes connections: they queue on its socket.
         let tables = build_tables(&layout, slots, &vec![false; slots as usize], None);
-        let steering = Steering::attach(&group, slots, policy, &tables, pin_dir.as_deref());
+        let steering = Steering::attach(
+            &group,
+            slots,
+            (policy, args.spill_depth),
+            &tables,
+            pin_dir.as_deref(),
+        );
         let steering = match steering {
             Ok(s) => s,
             Err(e) => {
@@ -182,8 +188,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         for a in &group.addresses {
             report::line(&format!(
                 "listening on {} ({slots} slots, policy {})",
-                a.addr,
-                policy_name(policy)
+                a.addr, args.policy
             ));
         }
         info!(
@@ -204,6 +209,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 ready_timeout: args.ready_timeout,
                 grace: args.grace,
                 bpf_stats: args.bpf_stats,
+                spill_depth: args.spill_depth,
+                sample_interval: args.sample_interval,
+                stall_timeout: args.stall_timeout,
+                evacuate: args.evacuate,
+                kill_stalled: args.kill_stalled,
             },
             group,
             steering,
@@ -261,12 +271,5 @@ fn control_call(args: &ControlArgs, request: Request) -> anyhow::Result<()> {
             }
             Err(anyhow::anyhow!("{}", e.message))
         }
-    }
-}
-
-fn policy_name(p: PolicyKind) -> &'static str {
-    match p {
-        PolicyKind::Cpu => "cpu",
-        PolicyKind::Hash => "hash",
     }
 }

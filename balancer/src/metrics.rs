@@ -9,7 +9,6 @@ use tokio::{
 };
 
 use crate::control::{
-    client::policy_name,
     protocol::{Reply, Request, StatusReport},
     server::Command,
 };
@@ -83,6 +82,9 @@ pub fn render(s: &StatusReport) -> String {
         for (path, v) in [
             ("cpu", slot.by_cpu),
             ("hash", slot.by_hash),
+            ("round-robin", slot.by_round_robin),
+            ("least-loaded", slot.by_least_loaded),
+            ("spill", slot.spilled),
             ("fallback", slot.fallback),
             ("migrate", slot.migrated),
         ] {
@@ -128,6 +130,7 @@ pub fn render(s: &StatusReport) -> String {
             "starting",
             "ready",
             "draining",
+            "stalled",
             "down",
             "backing-off",
             "removing",
@@ -148,10 +151,7 @@ pub fn render(s: &StatusReport) -> String {
         "balancer_policy_info",
         "gauge",
         "The active steering policy.",
-        vec![(
-            format!("{{policy=\"{}\"}}", policy_name(s.policy)),
-            "1".into(),
-        )],
+        vec![(format!("{{policy=\"{}\"}}", s.policy), "1".into())],
     );
     if let (Some(ns), Some(runs)) = (s.bpf_ns_per_selection, s.bpf_runs) {
         family(
@@ -193,10 +193,17 @@ mod tests {
                 steered: 5,
                 by_cpu: 5,
                 by_hash: 0,
+                by_round_robin: 0,
+                by_least_loaded: 0,
+                spilled: 0,
                 fallback: 0,
                 migrated: 0,
                 select_errors: 0,
+                note: None,
             }],
+            spill_depth: 16,
+            sample_interval_us: 1000,
+            sampling_cost_us_per_sec: 1.0,
             bpf_ns_per_selection: None,
             bpf_runs: None,
         };

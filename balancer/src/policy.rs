@@ -5,13 +5,26 @@ use std::{fs, io};
 
 use balancer_common::{PolicyKind, Tables, CPU_FANOUT, HASH_BUCKETS, MAX_CPUS, MAX_SLOTS};
 
-use crate::cli::Policy;
+use crate::control::protocol::PolicyName;
 
-impl From<Policy> for PolicyKind {
-    fn from(p: Policy) -> Self {
+impl From<PolicyName> for PolicyKind {
+    fn from(p: PolicyName) -> Self {
         match p {
-            Policy::Cpu => PolicyKind::Cpu,
-            Policy::Hash => PolicyKind::Hash,
+            PolicyName::Cpu => PolicyKind::Cpu,
+            PolicyName::Hash => PolicyKind::Hash,
+            PolicyName::RoundRobin => PolicyKind::RoundRobin,
+            PolicyName::LeastLoaded => PolicyKind::LeastLoaded,
+        }
+    }
+}
+
+impl From<PolicyKind> for PolicyName {
+    fn from(p: PolicyKind) -> Self {
+        match p {
+            PolicyKind::Cpu => PolicyName::Cpu,
+            PolicyKind::Hash => PolicyName::Hash,
+            PolicyKind::RoundRobin => PolicyName::RoundRobin,
+            PolicyKind::LeastLoaded => PolicyName::LeastLoaded,
         }
     }
 }

@@ -39,6 +39,9 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
         "FALLBACK",
         "MIGRATED",
         "SELECT-ERRORS",
+        "BY-RR",
+        "BY-LL",
+        "SPILLED",
     ]
     .map(str::to_owned)
     .to_vec()];
@@ -57,6 +60,9 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 c.fallback.to_string(),
                 c.migrated.to_string(),
                 c.select_error.to_string(),
+                c.by_round_robin.to_string(),
+                c.by_least_loaded.to_string(),
+                c.spilled.to_string(),
             ]);
         }
         let u = &a.unattributed;
@@ -115,6 +121,7 @@ mod tests {
             slots: vec![
                 SlotCounters {
                     by_cpu: 5,
+                    spilled: 2,
                     ..Default::default()
                 },
                 SlotCounters::default(),
@@ -143,7 +150,10 @@ mod tests {
                 "0",
                 "0",
                 "0",
-                "0"
+                "0",
+                "0",
+                "0",
+                "2"
             ]
         );
     }

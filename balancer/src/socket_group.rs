@@ -125,6 +125,34 @@ impl SocketGroup {
             .sum()
     }
 
+    /// Every socket's accept-queue depth: `[address][slot]`.
+    pub fn depths(&self) -> Vec<Vec<u32>> {
+        self.addresses
+            .iter()
+            .map(|a| {
+                a.sockets
+                    .iter()
+                    .map(|s| accept_queue_len(s).unwrap_or(0))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Empties `slot`'s accept queues into the rest of the group: `shutdown(SHUT_RD)` stops
+    /// the listener, and the kernel hands every queued connection to the `sk_reuseport/migrate`
+    /// program, which picks a live slot; `listen` then puts the same socket (still open in the
+    /// worker) back into the group. The caller must publish it in the socket arrays again.
+    pub fn evacuate(&self, slot: u32) -> io::Result<()> {
+        for a in &self.addresses {
+            let Some(s) = a.sockets.get(slot as usize) else {
+                continue;
+            };
+            s.shutdown(std::net::Shutdown::Read)?;
+            s.listen(self.backlog.min(i32::MAX as u32) as i32)?;
+        }
+        Ok(())
+    }
+
     /// The sockets of `slot`, one per address, in address order.
     pub fn slot_sockets(&self, slot: u32) -> Vec<std::os::fd::BorrowedFd<'_>> {
         self.addresses

@@ -88,6 +88,9 @@ struct Instance {
     ebpf: Ebpf,
     sockets: ReusePortSockArray<MapData>,
     config: Array<MapData, Config>,
+    depths: Array<MapData, u32>,
+    /// What `depths` holds, so that unchanged values are not written again.
+    depths_written: Vec<u32>,
     tables: Array<MapData, Tables>,
     counters: PerCpuArray<MapData, SlotCounters>,
 }
@@ -128,7 +131,7 @@ impl Steering {
     pub fn attach(
         group: &SocketGroup,
         slots: u32,
-        policy: PolicyKind,
+        (policy, spill_depth): (PolicyKind, u32),
         tables: &Tables,
         pin_dir: Option<&Path>,
     ) -> Result<Self, SteeringError> {
@@ -164,6 +167,9 @@ impl Steering {
             let counters = take(&mut ebpf, maps::COUNTERS)?
                 .try_into()
                 .map_err(map_err("counters map"))?;
+            let depths = take(&mut ebpf, maps::DEPTHS)?
+                .try_into()
+                .map_err(map_err("depths map"))?;
             for (slot, socket) in address.sockets.iter().enumerate() {
                 sockets
                     .set(slot as u32, socket, 0)
@@ -185,6 +191,8 @@ impl Steering {
                 ebpf,
                 sockets,
                 config,
+                depths,
+                depths_written: vec![0; balancer_common::MAX_SLOTS as usize],
                 tables: tables_map,
                 counters,
             });
@@ -195,7 +203,7 @@ impl Steering {
             active: 1,
             switched_at: None,
         };
-        steering.write(policy, tables)?;
+        steering.write(policy, spill_depth, tables)?;
         for (instance, address) in steering.instances.iter_mut().zip(&group.addresses) {
             let program: &mut SkReuseport = instance
                 .ebpf
@@ -218,6 +226,7 @@ impl Steering {
     pub async fn publish(
         &mut self,
         policy: PolicyKind,
+        spill_depth: u32,
         tables: &Tables,
     ) -> Result<(), SteeringError> {
         if let Some(at) = self.switched_at {
@@ -226,10 +235,15 @@ impl Steering {
                 tokio::time::sleep(wait).await;
             }
         }
-        self.write(policy, tables)
+        self.write(policy, spill_depth, tables)
     }
 
-    fn write(&mut self, policy: PolicyKind, tables: &Tables) -> Result<(), SteeringError> {
+    fn write(
+        &mut self,
+        policy: PolicyKind,
+        spill_depth: u32,
+        tables: &Tables,
+    ) -> Result<(), SteeringError> {
         let next = 1 - self.active;
         for i in &mut self.instances {
             i.tables
@@ -242,6 +256,8 @@ impl Steering {
         let config = Config {
             policy: policy as u32,
             active: next,
+            spill_depth,
+            _pad: 0,
         };
         for i in &mut self.instances {
             i.config
@@ -295,6 +311,36 @@ impl Steering {
             }
         }
         self.slots = slots;
+        Ok(())
+    }
+
+    /// Publishes sampled accept-queue depths: `depths[address][slot]`. Only changed values
+    /// are written (one syscall each).
+    pub fn write_depths(&mut self, depths: &[Vec<u32>]) {
+        for (i, per_slot) in self.instances.iter_mut().zip(depths) {
+            for (slot, d) in per_slot.iter().enumerate() {
+                if i.depths_written.get(slot) == Some(d) {
+                    continue;
+                }
+                match i.depths.set(slot as u32, d, 0) {
+                    Ok(()) => i.depths_written[slot] = *d,
+                    Err(e) => warn!("writing slot {slot}'s queue depth ({}): {e}", i.addr),
+                }
+            }
+        }
+    }
+
+    /// Puts `slot`'s sockets back into the socket arrays (after a shutdown and listen took
+    /// them out).
+    pub fn reinsert(&mut self, group: &SocketGroup, slot: u32) -> Result<(), SteeringError> {
+        for (i, address) in self.instances.iter_mut().zip(&group.addresses) {
+            i.sockets
+                .set(slot, &address.sockets[slot as usize], 0)
+                .map_err(|source| SteeringError::Map {
+                    what: format!("publishing slot {slot}'s socket again ({})", i.addr),
+                    source,
+                })?;
+        }
         Ok(())
     }
 

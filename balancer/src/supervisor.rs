@@ -37,6 +37,7 @@ use crate::{
     policy::{build_tables, describe, weights_void, CpuLayout},
     report::{self, SlotView},
     socket_group::SocketGroup,
+    stall::{StallConfig, StallWatch, Transition},
     steering::Steering,
 };
 
@@ -67,6 +68,16 @@ pub struct SupervisorConfig {
     pub grace: Duration,
     /// Whether kernel BPF run-time statistics are on.
     pub bpf_stats: bool,
+    /// Spill depth for the cpu and hash policies (0: off).
+    pub spill_depth: u32,
+    /// How often accept-queue depths are sampled.
+    pub sample_interval: Duration,
+    /// Stall detection timeout.
+    pub stall_timeout: Duration,
+    /// Evacuate stalled slots' queues.
+    pub evacuate: bool,
+    /// Kill workers stalled this long.
+    pub kill_stalled: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +104,8 @@ struct Slot {
     removing: bool,
     restarts: u32,
     quick_exits: u32,
+    /// Stall detection on the slot's accept queue.
+    stall: StallWatch,
 }
 
 impl Slot {
@@ -104,12 +117,16 @@ impl Slot {
     }
 
     fn live(&self) -> bool {
-        self.current.is_some_and(|w| w.ready) && !self.drained && !self.removing
+        self.current.is_some_and(|w| w.ready)
+            && !self.drained
+            && !self.removing
+            && !self.stall.is_stalled()
     }
 
     fn state(&self) -> &'static str {
         match (self.current, self.removing) {
             (_, true) => "removing",
+            (Some(_), _) if self.stall.is_stalled() => "stalled",
             (Some(w), _) if w.ready && self.drained => "draining",
             (Some(w), _) if w.ready => "ready",
             (Some(_), _) => "starting",
@@ -178,6 +195,8 @@ pub struct Supervisor {
     stopping: bool,
     announced_ready: bool,
     started: Instant,
+    /// Time spent sampling queue depths, for `status`.
+    sampling_spent: Duration,
 }
 
 impl Supervisor {
@@ -205,7 +224,10 @@ impl Supervisor {
             stopping: false,
             announced_ready: false,
             started: Instant::now(),
+            sampling_spent: Duration::ZERO,
         };
+        let mut tick = tokio::time::interval(sup.config.sample_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -221,6 +243,7 @@ impl Supervisor {
                     Err(e) => warn!("reading NOTIFY_SOCKET: {e}"),
                 },
                 Some((request, reply)) = commands.recv() => sup.on_request(request, reply).await,
+                _ = tick.tick() => sup.sample().await,
                 _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
                 _ = int.recv() => { info!("SIGINT: stopping workers"); break; }
                 _ = hup.recv() => {
@@ -391,6 +414,9 @@ impl Supervisor {
             }
         };
         let Some(worker) = worker else { return };
+        if role == Role::Current {
+            s.stall.reset();
+        }
         if self.stopping || role == Role::Retiring || s.removing {
             info!("slot {slot}: worker pid {pid} {reason}");
             if s.removing {
@@ -541,6 +567,95 @@ impl Supervisor {
         self.slots.iter().map(Slot::live).collect()
     }
 
+    /// Samples every accept queue: the load signal for the program, and stall detection.
+    async fn sample(&mut self) {
+        let started = Instant::now();
+        let depths = self.group.depths();
+        self.steering.write_depths(&depths);
+        self.sampling_spent += started.elapsed();
+        let cfg = StallConfig {
+            timeout: self.config.stall_timeout,
+            kill_after: self.config.kill_stalled,
+        };
+        let now = Instant::now();
+        let mut changed = false;
+        let mut evacuate = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let depth: u32 = depths.iter().filter_map(|a| a.get(i)).sum();
+            let eligible = s.current.is_some_and(|w| w.ready)
+                && !s.removing
+                && !self.config.stall_timeout.is_zero();
+            match s.stall.observe(depth, now, eligible, &cfg) {
+                Transition::None => {}
+                Transition::Stalled { depth } => {
+                    warn!(
+                        "slot {i}: stalled (queue of {depth} did not shrink for {}); out of the tables",
+                        humantime::format_duration(cfg.timeout)
+                    );
+                    changed = true;
+                    evacuate.push(i as u32);
+                }
+                Transition::Evacuate => evacuate.push(i as u32),
+                Transition::Rejoined { after } => {
+                    info!(
+                        "slot {i}: queue drained; back in the tables after {}",
+                        humantime::format_duration(round_ms(after))
+                    );
+                    changed = true;
+                }
+                Transition::Kill => {
+                    if let Some(w) = s.current {
+                        warn!(
+                            "slot {i}: stalled for {}: SIGKILL to worker pid {} (--kill-stalled)",
+                            humantime::format_duration(cfg.kill_after.unwrap_or_default()),
+                            w.pid
+                        );
+                        signal_worker(w.pid, Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+        if changed {
+            self.publish().await;
+        }
+        if self.config.evacuate {
+            for slot in evacuate {
+                self.evacuate(slot);
+            }
+        }
+    }
+
+    /// Moves what is queued on a stalled slot to live slots (never when no other slot is live:
+    /// the kernel would have nowhere to put the connections).
+    fn evacuate(&mut self, slot: u32) {
+        let others_live = self
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i as u32 != slot && s.live());
+        if !others_live {
+            warn!("slot {slot}: not evacuated: no other slot is live");
+            return;
+        }
+        let before = self.migrated_total();
+        let result = self
+            .group
+            .evacuate(slot)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.steering
+                    .reinsert(&self.group, slot)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            error!("slot {slot}: evacuating its queue failed: {e}");
+            return;
+        }
+        self.slots[slot as usize].stall.evacuated(Instant::now());
+        let moved = self.migrated_total().saturating_sub(before);
+        info!("slot {slot}: evacuated {moved} queued connection(s) to live slots");
+    }
+
     async fn publish(&mut self) {
         let live = self.live();
         if weights_void(&live, self.weights.as_deref()) {
@@ -552,7 +667,11 @@ impl Supervisor {
             &live,
             self.weights.as_deref(),
         );
-        if let Err(e) = self.steering.publish(self.config.policy, &tables).await {
+        if let Err(e) = self
+            .steering
+            .publish(self.config.policy, self.config.spill_depth, &tables)
+            .await
+        {
             // The previous tables stay active; they are valid, just not current.
             error!("publishing the steering tables failed: {e}");
         }
@@ -571,7 +690,11 @@ impl Supervisor {
         let outcome = match request {
             Request::Status => Ok(Reply::Status(self.status())),
             Request::Policy => Ok(Reply::Policy(self.policy_report())),
-            Request::SetPolicy { policy, weights } => self.set_policy(policy, weights).await,
+            Request::SetPolicy {
+                policy,
+                weights,
+                spill_depth,
+            } => self.set_policy(policy, weights, spill_depth).await,
             Request::Drain { slot } => self.set_drained(slot, true).await,
             Request::Undrain { slot } => self.set_drained(slot, false).await,
             Request::Restart { slot } => match self.start_restart(slot, Some(reply)) {
@@ -618,7 +741,12 @@ impl Supervisor {
         ))
     }
 
-    async fn set_policy(&mut self, policy: PolicyName, weights: Option<Vec<u32>>) -> Outcome {
+    async fn set_policy(
+        &mut self,
+        policy: PolicyName,
+        weights: Option<Vec<u32>>,
+        spill_depth: Option<u32>,
+    ) -> Outcome {
         if let Some(w) = &weights {
             if policy != PolicyName::Hash {
                 return Err(ErrorReply::new(
@@ -644,16 +772,20 @@ impl Supervisor {
             }
         }
         let started = Instant::now();
-        self.config.policy = match policy {
-            PolicyName::Cpu => PolicyKind::Cpu,
-            PolicyName::Hash => PolicyKind::Hash,
-        };
+        self.config.policy = policy.into();
         self.weights = weights;
+        if let Some(d) = spill_depth {
+            self.config.spill_depth = d;
+        }
         self.publish().await;
         let took = started.elapsed();
+        let spill = match (policy, self.config.spill_depth) {
+            (PolicyName::Cpu | PolicyName::Hash, 0) => ", no spill".to_owned(),
+            (PolicyName::Cpu | PolicyName::Hash, d) => format!(", spill at queue depth {d}"),
+            _ => String::new(),
+        };
         let text = format!(
-            "policy {}{} published in {} µs",
-            crate::control::client::policy_name(policy),
+            "policy {policy}{}{spill} published in {} µs",
             self.weights.as_ref().map_or(String::new(), |w| format!(
                 " (weights {})",
                 w.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
@@ -963,6 +1095,7 @@ impl Supervisor {
     }
 
     fn status(&self) -> StatusReport {
+        let now = Instant::now();
         let counters = self.steering.counters().unwrap_or_else(|e| {
             error!("reading the steering counters: {e}");
             Vec::new()
@@ -988,9 +1121,13 @@ impl Supervisor {
                     steered: sum.selected(),
                     by_cpu: sum.by_cpu,
                     by_hash: sum.by_hash,
+                    by_round_robin: sum.by_round_robin,
+                    by_least_loaded: sum.by_least_loaded,
+                    spilled: sum.spilled,
                     fallback: sum.fallback,
                     migrated: sum.migrated,
                     select_errors: sum.select_error,
+                    note: s.stall.describe(now),
                 }
             })
             .collect();
@@ -1002,8 +1139,12 @@ impl Supervisor {
         StatusReport {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
-            policy: policy_name(self.config.policy),
+            policy: self.config.policy.into(),
             weights: self.weights.clone(),
+            spill_depth: self.config.spill_depth,
+            sample_interval_us: self.config.sample_interval.as_micros() as u64,
+            sampling_cost_us_per_sec: self.sampling_spent.as_secs_f64() * 1e6
+                / self.started.elapsed().as_secs_f64().max(1e-3),
             listen: self
                 .group
                 .addresses
@@ -1028,8 +1169,9 @@ impl Supervisor {
         );
         let (cpu_table, hash_buckets) = describe(&self.config.layout, self.slot_count(), &tables);
         PolicyReport {
-            policy: policy_name(self.config.policy),
+            policy: self.config.policy.into(),
             weights: self.weights.clone(),
+            spill_depth: self.config.spill_depth,
             live: (0..self.slot_count())
                 .filter(|s| live[*s as usize])
                 .collect(),
@@ -1103,13 +1245,6 @@ impl Supervisor {
 fn signal_worker(pid: u32, signal: Signal) {
     if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
         warn!("{signal} to worker pid {pid}: {e}");
-    }
-}
-
-fn policy_name(p: PolicyKind) -> PolicyName {
-    match p {
-        PolicyKind::Cpu => PolicyName::Cpu,
-        PolicyKind::Hash => PolicyName::Hash,
     }
 }
 

@@ -490,3 +490,99 @@ mod tests {
         assert_eq!(rows[0].select_errors, 8);
     }
 }
+
+/// What happened to one connection of an open-loop run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// The first byte of the answer came after this long.
+    Answered(Duration),
+    /// No answer within the deadline.
+    TimedOut,
+    /// Connect, write or read failed (refused, reset).
+    Failed,
+}
+
+/// An open-loop client: opens connections at `rate` per second for `duration`, whether or not
+/// earlier ones were answered, each with a hard `deadline`, all from one thread (poll(2)).
+/// Bounded: at most `rate × duration` connections, and it returns by `duration + deadline`.
+pub fn open_loop(addr: SocketAddr, rate: u32, duration: Duration, deadline: Duration) -> Vec<Fate> {
+    use std::os::fd::AsRawFd;
+    struct Pending {
+        stream: TcpStream,
+        t0: Instant,
+        first: Option<Duration>,
+        index: usize,
+    }
+    raise_fd_limit();
+    let total = (f64::from(rate) * duration.as_secs_f64()) as usize;
+    let mut fates = vec![Fate::TimedOut; total];
+    let mut pending: Vec<Pending> = Vec::new();
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut buf = [0u8; 4096];
+    while sent < total || !pending.is_empty() {
+        let now = Instant::now();
+        // Send every connection that is due.
+        while sent < total && start + duration.mul_f64(sent as f64 / total as f64) <= now {
+            match send_request(addr).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                Ok(stream) => pending.push(Pending {
+                    stream,
+                    t0: Instant::now(),
+                    first: None,
+                    index: sent,
+                }),
+                Err(_) => fates[sent] = Fate::Failed,
+            }
+            sent += 1;
+        }
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: fds is a valid array of pollfd for the length given.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(pending.len());
+        for (mut p, fd) in pending.into_iter().zip(&fds) {
+            let mut done = None;
+            if fd.revents != 0 {
+                match p.stream.read(&mut buf) {
+                    Ok(0) => done = Some(p.first.map_or(Fate::Failed, Fate::Answered)),
+                    Ok(_) => {
+                        p.first.get_or_insert(now.duration_since(p.t0));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => done = Some(Fate::Failed),
+                }
+            }
+            if done.is_none() && now.duration_since(p.t0) > deadline {
+                done = Some(p.first.map_or(Fate::TimedOut, Fate::Answered));
+            }
+            match done {
+                Some(f) => fates[p.index] = f,
+                None => keep.push(p),
+            }
+        }
+        pending = keep;
+    }
+    fates
+}
+
+/// Lets the process hold as many sockets as the hard limit allows.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -56,14 +56,6 @@ pub fn print(reply: &Reply, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Name of a policy as the CLI spells it.
-pub fn policy_name(p: PolicyName) -> &'static str {
-    match p {
-        PolicyName::Cpu => "cpu",
-        PolicyName::Hash => "hash",
-    }
-}
-
 fn join<T: ToString>(items: &[T], sep: &str) -> String {
     items
         .iter()
@@ -77,12 +69,22 @@ fn format_status(s: &StatusReport) -> String {
         "balancer pid {}, up {}, policy {}{}, listening on {}\n",
         s.pid,
         humantime::format_duration(std::time::Duration::from_secs(s.uptime_secs as u64)),
-        policy_name(s.policy),
+        s.policy,
         s.weights
             .as_ref()
             .map_or(String::new(), |w| format!(" (weights {})", join(w, ","))),
         s.listen.join(", ")
     );
+    out.push_str(&format!(
+        "spill at queue depth {}; queues sampled every {} µs, costing {:.0} µs per second\n",
+        if s.spill_depth == 0 {
+            "off".to_owned()
+        } else {
+            s.spill_depth.to_string()
+        },
+        s.sample_interval_us,
+        s.sampling_cost_us_per_sec
+    ));
     if let (Some(ns), Some(runs)) = (s.bpf_ns_per_selection, s.bpf_runs) {
         out.push_str(&format!(
             "program cost: {ns:.0} ns per selection over {runs} runs\n"
@@ -98,6 +100,9 @@ fn format_status(s: &StatusReport) -> String {
         "STEERED",
         "BY-CPU",
         "BY-HASH",
+        "BY-RR",
+        "BY-LL",
+        "SPILLED",
         "FALLBACK",
         "MIGRATED",
         "SELECT-ERRORS",
@@ -119,19 +124,32 @@ fn format_status(s: &StatusReport) -> String {
             slot.steered.to_string(),
             slot.by_cpu.to_string(),
             slot.by_hash.to_string(),
+            slot.by_round_robin.to_string(),
+            slot.by_least_loaded.to_string(),
+            slot.spilled.to_string(),
             slot.fallback.to_string(),
             slot.migrated.to_string(),
             slot.select_errors.to_string(),
         ]);
     }
     out.push_str(&table(&rows));
+    for slot in &s.slots {
+        if let Some(note) = &slot.note {
+            out.push_str(&format!("slot {}: {note}\n", slot.slot));
+        }
+    }
     out
 }
 
 fn format_policy(p: &PolicyReport) -> String {
+    let spill = match (p.policy, p.spill_depth) {
+        (PolicyName::Cpu | PolicyName::Hash, 0) => ", no spill".to_owned(),
+        (PolicyName::Cpu | PolicyName::Hash, d) => format!(", spill at queue depth {d}"),
+        _ => String::new(),
+    };
     let mut out = format!(
-        "policy {}{}\nlive slots: {}\n",
-        policy_name(p.policy),
+        "policy {}{}{spill}\nlive slots: {}\n",
+        p.policy,
         p.weights
             .as_ref()
             .map_or(String::new(), |w| format!(", weights {}", join(w, ","))),
@@ -172,13 +190,14 @@ mod tests {
         let p = PolicyReport {
             policy: PolicyName::Hash,
             weights: Some(vec![1, 3]),
+            spill_depth: 0,
             live: vec![0, 1],
             cpu_table: vec![(0, vec![0]), (1, vec![1])],
             hash_buckets: vec![(0, 256), (1, 768)],
         };
         let text = format_policy(&p);
         assert!(
-            text.starts_with("policy hash, weights 1,3\nlive slots: 0 1\n"),
+            text.starts_with("policy hash, weights 1,3, no spill\nlive slots: 0 1\n"),
             "{text}"
         );
         assert!(text.contains("75.0%"), "{text}");

@@ -15,14 +15,30 @@ pub const VERSION: u32 = 1;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// Steering policy names on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Steering policy, as the CLI and the wire name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyName {
-    /// By RX CPU.
+    /// Keep each connection on the CPU that processed its SYN: CPU k's connections go to the
+    /// slot(s) of CPU k (slot k mod workers when there are fewer workers than CPUs).
     Cpu,
-    /// By flow hash.
+    /// Spread connections by flow hash through a 1024-bucket indirection table (weights apply).
     Hash,
+    /// Each CPU rotates over the live slots: the evenest spread.
+    RoundRobin,
+    /// Power of two choices on accept-queue depth: the less loaded of two random live slots.
+    LeastLoaded,
+}
+
+impl std::fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Hash => "hash",
+            Self::RoundRobin => "round-robin",
+            Self::LeastLoaded => "least-loaded",
+        })
+    }
 }
 
 /// What a client asks for.
@@ -39,6 +55,9 @@ pub enum Request {
         policy: PolicyName,
         /// Per-slot weights for the hash table; `None` for equal shares.
         weights: Option<Vec<u32>>,
+        /// New spill depth (0 turns spilling off); `None` keeps the current one.
+        #[serde(default)]
+        spill_depth: Option<u32>,
     },
     /// Rolling restart of one slot or all.
     Restart {
@@ -90,12 +109,20 @@ pub struct SlotStatus {
     pub by_cpu: u64,
     /// Chosen by the hash policy.
     pub by_hash: u64,
+    /// Chosen by the round-robin policy.
+    pub by_round_robin: u64,
+    /// Chosen by the least-loaded policy.
+    pub by_least_loaded: u64,
+    /// Spilled here because the first choice's queue was too deep.
+    pub spilled: u64,
     /// Chosen as fallback.
     pub fallback: u64,
     /// Queued connections moved here from a closing socket.
     pub migrated: u64,
     /// Failed selections of this slot.
     pub select_errors: u64,
+    /// Why the slot is out of the tables, when it is stalled.
+    pub note: Option<String>,
 }
 
 /// The status reply.
@@ -109,6 +136,12 @@ pub struct StatusReport {
     pub policy: PolicyName,
     /// Hash weights, if set.
     pub weights: Option<Vec<u32>>,
+    /// Spill depth of the cpu and hash policies (0: off).
+    pub spill_depth: u32,
+    /// Accept-queue sampling interval, in microseconds.
+    pub sample_interval_us: u64,
+    /// Time the controller spends sampling accept queues, in microseconds per second.
+    pub sampling_cost_us_per_sec: f64,
     /// Bound listen addresses.
     pub listen: Vec<String>,
     /// Every slot.
@@ -126,6 +159,8 @@ pub struct PolicyReport {
     pub policy: PolicyName,
     /// Hash weights, if set.
     pub weights: Option<Vec<u32>>,
+    /// Spill depth of the cpu and hash policies (0: off).
+    pub spill_depth: u32,
     /// Slots that take new connections now.
     pub live: Vec<u32>,
     /// For each online CPU, the slots its connections go to under the cpu policy.
@@ -348,6 +383,7 @@ mod tests {
         let req = Request::SetPolicy {
             policy: PolicyName::Hash,
             weights: Some(vec![1, 3]),
+            spill_depth: None,
         };
         write_frame(&mut a, &encode_request(&req)).await.unwrap();
         let got = decode_request(&read_frame(&mut b).await.unwrap()).unwrap();

@@ -1,0 +1,290 @@
+//! Load-aware steering against the real kernel: round-robin evenness, and a worker stopped
+//! with SIGSTOP under an open-loop client, with and without load awareness.
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use balancer_tests::{get, online_cpus, open_loop, pin_thread, Balancer, Fate};
+use serde_json::Value;
+
+const RATE: u32 = 1000;
+const LOAD: Duration = Duration::from_secs(3);
+const DEADLINE: Duration = Duration::from_secs(3);
+const SLOW: Duration = Duration::from_secs(1);
+
+fn slot(status: &Value, i: usize) -> &Value {
+    &status["slots"][i]
+}
+
+fn field(status: &Value, i: usize, name: &str) -> u64 {
+    slot(status, i)[name].as_u64().unwrap()
+}
+
+#[test]
+fn round_robin_spreads_10000_connections_within_1_percent() {
+    const SLOTS: usize = 4;
+    const CONNS: usize = 10_000;
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        &SLOTS.to_string(),
+        "--policy",
+        "round-robin",
+    ]);
+    let mut seen = [0f64; SLOTS];
+    for i in 0..CONNS {
+        seen[get(b.addrs[0])
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+            .slot as usize] += 1.0;
+    }
+    let mean = CONNS as f64 / SLOTS as f64;
+    let cv = (seen.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / SLOTS as f64).sqrt() / mean;
+    assert!(cv <= 0.01, "coefficient of variation {cv:.4}: {seen:?}");
+    let status = b.status();
+    for (i, count) in seen.iter().enumerate() {
+        assert_eq!(
+            field(&status, i, "by_round_robin") as f64,
+            *count,
+            "eBPF counters agree"
+        );
+    }
+    println!(
+        "round-robin over {SLOTS} slots: {seen:?}, CV {:.3} %",
+        cv * 100.0
+    );
+}
+
+/// Two workers; slot 1's worker is stopped 0.5 s into a 3 s open-loop run at 1000
+/// connections/s (each with a 3 s deadline) and continued when the load ends. Returns the
+/// fates and the status after the slot came back.
+fn stopped_worker_run(args: &[&str], client_cpu: Option<u32>) -> (Vec<Fate>, Value) {
+    let mut all = vec!["--listen", "127.0.0.1:0", "--workers", "2"];
+    all.extend_from_slice(args);
+    let b = Balancer::start(&all);
+    let addr = b.addrs[0];
+    let victim = field(&b.status(), 1, "pid") as i32;
+    let load = thread::spawn(move || {
+        if let Some(cpu) = client_cpu {
+            pin_thread(cpu);
+        }
+        open_loop(addr, RATE, LOAD, DEADLINE)
+    });
+    thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the balancer's worker.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGSTOP) }, 0);
+    thread::sleep(LOAD - Duration::from_millis(500));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGCONT) }, 0);
+    let fates = load.join().unwrap();
+    // After SIGCONT the slot is back in the tables.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = b.status();
+        if slot(&s, 1)["state"] == "ready" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot 1 did not return after SIGCONT: {s}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        field(&status, 1, "pid") as i32,
+        victim,
+        "the same worker, continued"
+    );
+    (fates, status)
+}
+
+fn slow(fates: &[Fate]) -> usize {
+    fates
+        .iter()
+        .filter(|f| !matches!(f, Fate::Answered(t) if *t <= SLOW))
+        .count()
+}
+
+fn summary(name: &str, fates: &[Fate]) -> String {
+    let failed = fates.iter().filter(|f| **f == Fate::Failed).count();
+    let timed_out = fates.iter().filter(|f| **f == Fate::TimedOut).count();
+    let mut ttfb: Vec<Duration> = fates
+        .iter()
+        .filter_map(|f| match f {
+            Fate::Answered(t) => Some(*t),
+            _ => None,
+        })
+        .collect();
+    ttfb.sort_unstable();
+    let pct =
+        |p: f64| ttfb.get(((ttfb.len() as f64 * p) as usize).min(ttfb.len().saturating_sub(1)));
+    format!(
+        "{name}: {} connections, {} with first byte > 1 s ({:.2} %), {timed_out} timed out, {failed} failed; TTFB p50 {:?} p99 {:?} p99.9 {:?} max {:?}",
+        fates.len(),
+        slow(fates),
+        100.0 * slow(fates) as f64 / fates.len() as f64,
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        ttfb.last()
+    )
+}
+
+#[test]
+fn plain_hash_hangs_on_a_stopped_worker() {
+    // No spill, no stall detection: the kernel-hash behaviour, steered by our table.
+    let (fates, _) = stopped_worker_run(
+        &[
+            "--policy",
+            "hash",
+            "--spill-depth",
+            "0",
+            "--stall-timeout",
+            "0",
+        ],
+        None,
+    );
+    println!("{}", summary("hash (no load awareness)", &fates));
+    assert!(
+        slow(&fates) * 10 >= fates.len(),
+        "about half the connections wait for the stopped worker: {}",
+        summary("hash", &fates)
+    );
+}
+
+#[test]
+fn least_loaded_routes_around_a_stopped_worker() {
+    let (fates, status) = stopped_worker_run(&["--policy", "least-loaded"], None);
+    println!("{}", summary("least-loaded", &fates));
+    assert!(
+        slow(&fates) * 1000 <= fates.len(),
+        "{}",
+        summary("least-loaded", &fates)
+    );
+    assert!(fates.iter().all(|f| *f != Fate::Failed));
+    assert!(field(&status, 0, "by_least_loaded") > 0);
+}
+
+#[test]
+fn cpu_with_spill_routes_around_a_stopped_worker() {
+    let cpus = online_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test needs 2 CPUs (the machine kind has 2)"
+    );
+    // Every connection is made on the victim's CPU, so the cpu policy's first choice is
+    // always the stopped worker: only spill and stall handling can save them.
+    let (fates, status) = stopped_worker_run(&["--policy", "cpu"], Some(cpus[1]));
+    println!("{}", summary("cpu + spill", &fates));
+    assert!(
+        slow(&fates) * 1000 <= fates.len(),
+        "{}",
+        summary("cpu + spill", &fates)
+    );
+    assert!(fates.iter().all(|f| *f != Fate::Failed));
+    assert!(field(&status, 0, "spilled") > 0, "{status}");
+    assert!(
+        field(&status, 0, "migrated") > 0,
+        "the stalled queue was evacuated: {status}"
+    );
+}
+
+#[test]
+fn without_evacuation_only_the_connections_queued_before_detection_wait() {
+    let cpus = online_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test needs 2 CPUs (the machine kind has 2)"
+    );
+    let (fates, status) =
+        stopped_worker_run(&["--policy", "cpu", "--evacuate", "false"], Some(cpus[1]));
+    println!("{}", summary("cpu + spill, no evacuation", &fates));
+    let waited = slow(&fates);
+    // What queued on the stopped worker before its depth reached the spill depth (16) and
+    // the stall was detected waits for SIGCONT; nothing else does, and nothing fails.
+    assert!(waited > 0, "the stopped worker's queue really waited");
+    assert!(waited <= 32, "{}", summary("no evacuation", &fates));
+    assert!(fates.iter().all(|f| *f != Fate::Failed));
+    assert_eq!(field(&status, 0, "migrated"), 0);
+}
+
+#[test]
+fn spill_does_not_trigger_while_workers_keep_up() {
+    let cpus = online_cpus();
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        &cpus.len().to_string(),
+        "--policy",
+        "cpu",
+        "--spill-depth",
+        "4",
+    ]);
+    let addr = b.addrs[0];
+    let threads: Vec<_> = cpus
+        .iter()
+        .enumerate()
+        .map(|(pos, &cpu)| {
+            thread::spawn(move || {
+                pin_thread(cpu);
+                for _ in 0..500 {
+                    let a = get(addr).unwrap();
+                    assert_eq!(a.slot, pos as u32, "locality from CPU {cpu}");
+                    assert_eq!(a.cpu, cpu);
+                }
+                // And open-loop at a rate the workers easily keep up with.
+                open_loop(addr, 300, Duration::from_secs(1), DEADLINE)
+            })
+        })
+        .collect();
+    for t in threads {
+        let fates = t.join().unwrap();
+        assert!(fates.iter().all(|f| matches!(f, Fate::Answered(_))));
+    }
+    let status = b.status();
+    for i in 0..cpus.len() {
+        assert_eq!(field(&status, i, "spilled"), 0, "{status}");
+        assert_eq!(field(&status, i, "by_hash"), 0);
+        assert_eq!(field(&status, i, "steered"), field(&status, i, "by_cpu"));
+    }
+}
+
+#[test]
+fn kill_stalled_replaces_a_stuck_worker() {
+    let b = Balancer::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+        "--kill-stalled",
+        "300ms",
+    ]);
+    let addr = b.addrs[0];
+    let victim = field(&b.status(), 1, "pid") as i32;
+    // SAFETY: kill(2) on the balancer's worker.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGSTOP) }, 0);
+    let fates = open_loop(addr, 500, Duration::from_millis(600), DEADLINE);
+    assert!(
+        fates.iter().all(|f| matches!(f, Fate::Answered(_))),
+        "{fates:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = b.status();
+        let pid = slot(&s, 1)["pid"].as_i64().map(|p| p as i32);
+        if pid.is_some_and(|p| p != victim) && slot(&s, 1)["state"] == "ready" {
+            assert_eq!(field(&s, 1, "restarts"), 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled worker was not replaced: {s}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.stderr().contains("--kill-stalled"), "{}", b.stderr());
+}
