@@ -1,7 +1,8 @@
 //! Stalled-worker detection from sampled accept-queue depths.
 //!
-//! A slot is stalled when its queue is non-empty and has not shrunk below where it stood for
-//! the stall timeout. A stalled slot leaves the tables; it rejoins once its queue has drained.
+//! A slot is stalled when its queue is non-empty and has not shrunk between any two samples
+//! for the stall timeout: a worker that accepts at all shows a drop now and then, even while
+//! its queue grows overall; a stopped or wedged one never does. A stalled slot leaves the tables; it rejoins once its queue has drained.
 //! When its queue was evacuated, "drained" proves nothing about the worker, so it rejoins
 //! only after a hold-off, as a probe: a slot that stalls again soon after rejoining waits
 //! twice as long the next time.
@@ -52,7 +53,8 @@ struct Stalled {
 /// The stall state of one slot.
 #[derive(Clone, Debug, Default)]
 pub struct StallWatch {
-    /// Start and depth of the current window of a non-empty, not shrinking queue.
+    /// Start of the current window of a non-empty, never shrinking queue, and the depth at
+    /// the last sample.
     window: Option<(Instant, u32)>,
     stalled: Option<Stalled>,
     hold: Duration,
@@ -77,7 +79,7 @@ impl StallWatch {
                     return Transition::None;
                 }
                 match self.window {
-                    Some((_, start_depth)) if depth < start_depth => {
+                    Some((_, last)) if depth < last => {
                         self.window = Some((now, depth));
                     }
                     Some((start, _)) if now.duration_since(start) >= cfg.timeout => {
@@ -96,7 +98,7 @@ impl StallWatch {
                         self.window = None;
                         return Transition::Stalled { depth };
                     }
-                    Some(_) => {}
+                    Some((start, _)) => self.window = Some((start, depth)),
                     None => self.window = Some((now, depth)),
                 }
                 Transition::None
@@ -196,9 +198,12 @@ mod tests {
         let t0 = Instant::now();
         let mut w = StallWatch::default();
         w.observe(5, t0, true, &CFG);
-        // Shrank below where the window started: the worker is accepting.
+        // Shrank since the last sample: the worker is accepting.
         assert_eq!(w.observe(4, at(t0, 250), true, &CFG), Transition::None);
         assert_eq!(w.observe(6, at(t0, 400), true, &CFG), Transition::None);
+        // Growing overall but dropping now and then is progress too.
+        assert_eq!(w.observe(5, at(t0, 420), true, &CFG), Transition::None);
+        assert_eq!(w.observe(9, at(t0, 440), true, &CFG), Transition::None);
         w.observe(0, at(t0, 450), true, &CFG);
         assert_eq!(w.observe(7, at(t0, 500), true, &CFG), Transition::None);
         assert_eq!(w.observe(7, at(t0, 799), true, &CFG), Transition::None);
@@ -206,6 +211,23 @@ mod tests {
             w.observe(7, at(t0, 800), true, &CFG),
             Transition::Stalled { depth: 7 }
         );
+    }
+
+    #[test]
+    fn an_overloaded_worker_that_still_accepts_is_not_stalled() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::default();
+        // Sampled every 10 ms for 2 s, the queue grows by one each time, except that every
+        // 100 ms the worker's accepts outpace arrivals once: it falls behind, but it works.
+        let mut depth = 5u32;
+        for step in 0..200u64 {
+            depth = if step % 10 == 9 { depth - 1 } else { depth + 1 };
+            assert_eq!(
+                w.observe(depth, at(t0, step * 10), true, &CFG),
+                Transition::None,
+                "step {step}"
+            );
+        }
     }
 
     #[test]
