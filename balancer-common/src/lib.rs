@@ -22,6 +22,8 @@ pub mod maps {
 
 /// Name of the select program in the eBPF object.
 pub const PROGRAM_SELECT: &str = "select_socket";
+/// Name of the do-nothing program (the benchmark's overhead floor) in the eBPF object.
+pub const PROGRAM_PASS: &str = "pass_only";
 
 /// Most worker slots a group can have: the size of the socket array.
 pub const MAX_SLOTS: u32 = 128;

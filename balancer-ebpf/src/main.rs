@@ -63,6 +63,13 @@ pub fn select_socket(ctx: SkReuseportContext) -> u32 {
     SK_PASS
 }
 
+/// The benchmark's overhead floor: a program that selects nothing, so the kernel's hash
+/// decides. Never attached by the balancer itself.
+#[sk_reuseport]
+pub fn pass_only(_ctx: SkReuseportContext) -> u32 {
+    SK_PASS
+}
+
 #[inline(always)]
 fn select(ctx: &SkReuseportContext) {
     let Some(config) = CONFIG.get(0) else {

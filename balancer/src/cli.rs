@@ -56,8 +56,9 @@ pub enum Command {
     /// The built-in worker: a small HTTP/1.1 server on the sockets it inherits.
     #[command(
         long_about = "The built-in worker: a small HTTP/1.1 server on the socket(s) it inherits by \
-socket activation (LISTEN_FDS). It answers every request with `slot=<i> pid=<pid> cpu=<cpu>`, \
-where cpu is SO_INCOMING_CPU of the connection, closes the connection, and tells the controller \
+socket activation (LISTEN_FDS). It answers every request with `slot=<i> pid=<pid> cpu=<cpu> on=<cpu>`, \
+where cpu is SO_INCOMING_CPU of the connection and on the CPU the worker ran on while \
+answering, closes the connection, and tells the controller \
 READY=1 over NOTIFY_SOCKET. `balancer run` uses it when no worker command is given."
     )]
     DemoWorker(DemoWorkerArgs),

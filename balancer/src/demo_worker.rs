@@ -126,7 +126,9 @@ async fn serve(mut stream: TcpStream, slot: &str, pid: u32) -> io::Result<()> {
             break;
         }
     }
-    let body = format!("slot={slot} pid={pid} cpu={cpu}\n");
+    // SAFETY: sched_getcpu has no preconditions.
+    let on = unsafe { libc::sched_getcpu() };
+    let body = format!("slot={slot} pid={pid} cpu={cpu} on={on}\n");
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

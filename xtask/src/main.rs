@@ -41,8 +41,16 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests (as root).
+    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests and
+    /// the benchmark's smoke pass (as root).
     Test,
+    /// Benchmark balancer against the setups users would pick instead; writes
+    /// bench/results/<date>/ and docs/performance.md.
+    Bench {
+        /// About one minute: one run per arm, short scenarios.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 const BPF_TARGET: &str = "bpfel-unknown-none";
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
         Task::Build { release } => setup().and_then(|()| build(release).map(drop)),
         Task::Run { release, args } => setup().and_then(|()| run(release, args)),
         Task::Test => setup().and_then(|()| test()),
+        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -365,6 +374,72 @@ fn test() -> Result<()> {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
     sh_tests(&mut cmd, &mut totals)?;
+    step("benchmark smoke pass (correctness only, no timing)");
+    let scratch = env::temp_dir().join(format!("balancer-bench-smoke-{}", std::process::id()));
+    let result = run_bench(&object, &binary, false, &["--smoke", "--out"], &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
+}
+
+fn bench(quick: bool) -> Result<()> {
+    let object = build_ebpf()?;
+    step("building the release controller and the benchmark");
+    sh(cargo_with_object(&object).args([
+        "build",
+        "--release",
+        "-p",
+        "balancer",
+        "-p",
+        "balancer-bench",
+    ]))?;
+    let binary = target_dir().join("release").join("balancer");
+    let mode: &[&str] = if quick {
+        &["--quick", "--out"]
+    } else {
+        &["--out"]
+    };
+    run_bench(
+        &object,
+        &binary,
+        true,
+        mode,
+        &root_dir().join("bench/results"),
+    )
+}
+
+/// Builds (debug unless `release`) and runs the benchmark binary as root.
+fn run_bench(
+    object: &Path,
+    balancer: &Path,
+    release: bool,
+    mode: &[&str],
+    out: &Path,
+) -> Result<()> {
+    let profile = if release { "release" } else { "debug" };
+    if !release {
+        sh(cargo_with_object(object).args(["build", "-p", "balancer-bench"]))?;
+    }
+    let bench = target_dir().join(profile).join("balancer-bench");
+    let mut cmd = if is_root() {
+        Command::new(&bench)
+    } else if Path::new("/usr/bin/sudo").exists() {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bench);
+        c
+    } else {
+        bail!("the benchmark loads eBPF and needs root; sudo is not installed: run it as root");
+    };
+    cmd.arg("--balancer")
+        .arg(balancer)
+        .arg("--object")
+        .arg(object)
+        .args(mode)
+        .arg(out);
+    if release {
+        cmd.arg("--docs")
+            .arg(root_dir().join("docs/performance.md"));
+    }
+    sh(&mut cmd)
 }

@@ -1,0 +1,238 @@
+//! Talking to demo workers over loopback: one request per connection, the answer parsed, and
+//! open-loop load with per-connection deadlines.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+/// Per-connection deadline of [`send_request`] and [`read_answer`].
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The request every client sends.
+pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: balancer\r\n\r\n";
+
+/// Pins the calling thread to one CPU. On loopback the SYN is processed on the connecting
+/// thread's CPU, so this decides the RX CPU the steering program sees.
+pub fn pin_thread(cpu: u32) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize).expect("CPU id within the CpuSet");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+/// Online CPU ids, from sysfs.
+pub fn online_cpus() -> Vec<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+            cpus.extend(a..=b);
+        }
+    }
+    if cpus.is_empty() {
+        cpus.push(0);
+    }
+    cpus
+}
+
+/// What a demo worker answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// `BALANCER_SLOT` of the worker.
+    pub slot: u32,
+    /// The worker's pid.
+    pub pid: u32,
+    /// `SO_INCOMING_CPU` of the connection, as the worker saw it.
+    pub cpu: u32,
+    /// The CPU the worker ran on while answering.
+    pub on: u32,
+}
+
+impl Answer {
+    /// Whether the connection was handled on the CPU that received it.
+    pub fn local(&self) -> bool {
+        self.cpu == self.on
+    }
+}
+
+/// Opens a connection and sends a request, without reading the answer yet.
+pub fn send_request(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(REQUEST)?;
+    Ok(s)
+}
+
+/// Reads a demo worker's whole answer from a connection made by [`send_request`].
+pub fn read_answer(mut s: TcpStream) -> std::io::Result<Answer> {
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    parse_answer(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad answer: {text:?}"),
+        )
+    })
+}
+
+/// One request, one answer.
+pub fn get(addr: SocketAddr) -> std::io::Result<Answer> {
+    read_answer(send_request(addr)?)
+}
+
+/// Parses `HTTP/1.1 200 OK … slot=1 pid=42 cpu=0 on=0`.
+pub fn parse_answer(text: &str) -> Option<Answer> {
+    if !text.starts_with("HTTP/1.1 200 OK") {
+        return None;
+    }
+    let body = text.split("\r\n\r\n").nth(1)?;
+    let field = |k: &str| -> Option<u32> {
+        body.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+    };
+    Some(Answer {
+        slot: field("slot")?,
+        pid: field("pid")?,
+        cpu: field("cpu")?,
+        on: field("on")?,
+    })
+}
+
+/// What happened to one connection of an open-loop run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// The first byte of the answer came after this long.
+    Answered(Duration),
+    /// No answer within the deadline.
+    TimedOut,
+    /// Connect, write or read failed (refused, reset).
+    Failed,
+}
+
+/// An open-loop client: opens connections at `rate` per second for `duration`, whether or not
+/// earlier ones were answered, each with a hard `deadline`, all from one thread (poll(2)).
+/// Bounded: at most `rate × duration` connections, and it returns by `duration + deadline`.
+pub fn open_loop(addr: SocketAddr, rate: u32, duration: Duration, deadline: Duration) -> Vec<Fate> {
+    use std::os::fd::AsRawFd;
+    struct Pending {
+        stream: TcpStream,
+        t0: Instant,
+        first: Option<Duration>,
+        index: usize,
+    }
+    raise_fd_limit();
+    let total = (f64::from(rate) * duration.as_secs_f64()) as usize;
+    let mut fates = vec![Fate::TimedOut; total];
+    let mut pending: Vec<Pending> = Vec::new();
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut buf = [0u8; 4096];
+    while sent < total || !pending.is_empty() {
+        let now = Instant::now();
+        // Send every connection that is due.
+        while sent < total && start + duration.mul_f64(sent as f64 / total as f64) <= now {
+            match send_request(addr).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                Ok(stream) => pending.push(Pending {
+                    stream,
+                    t0: Instant::now(),
+                    first: None,
+                    index: sent,
+                }),
+                Err(_) => fates[sent] = Fate::Failed,
+            }
+            sent += 1;
+        }
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: fds is a valid array of pollfd for the length given.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+        let now = Instant::now();
+        let mut keep = Vec::with_capacity(pending.len());
+        for (mut p, fd) in pending.into_iter().zip(&fds) {
+            let mut done = None;
+            if fd.revents != 0 {
+                match p.stream.read(&mut buf) {
+                    Ok(0) => done = Some(p.first.map_or(Fate::Failed, Fate::Answered)),
+                    Ok(_) => {
+                        p.first.get_or_insert(now.duration_since(p.t0));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => done = Some(Fate::Failed),
+                }
+            }
+            if done.is_none() && now.duration_since(p.t0) > deadline {
+                done = Some(p.first.map_or(Fate::TimedOut, Fate::Answered));
+            }
+            match done {
+                Some(f) => fates[p.index] = f,
+                None => keep.push(p),
+            }
+        }
+        pending = keep;
+    }
+    fates
+}
+
+/// How many fates are slow: no first byte within `slow` (timed out and failed included).
+pub fn slow(fates: &[Fate], slow: Duration) -> usize {
+    fates
+        .iter()
+        .filter(|f| !matches!(f, Fate::Answered(t) if *t <= slow))
+        .count()
+}
+
+/// Lets the process hold as many sockets as the hard limit allows.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_demo_worker_answers() {
+        let a =
+            parse_answer("HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\nslot=1 pid=42 cpu=0 on=1\n");
+        assert_eq!(
+            a,
+            Some(Answer {
+                slot: 1,
+                pid: 42,
+                cpu: 0,
+                on: 1
+            })
+        );
+        assert!(!a.unwrap().local());
+        assert_eq!(parse_answer("HTTP/1.1 500 x\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn slow_counts_late_timed_out_and_failed() {
+        let f = [
+            Fate::Answered(Duration::from_millis(5)),
+            Fate::Answered(Duration::from_secs(2)),
+            Fate::TimedOut,
+            Fate::Failed,
+        ];
+        assert_eq!(slow(&f, Duration::from_secs(1)), 3);
+    }
+}

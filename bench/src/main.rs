@@ -1,0 +1,271 @@
+//! `balancer-bench`: balancer against the listener setups users would pick instead, with the
+//! same client and the same worker program, arms interleaved, several runs each.
+//!
+//! Run it with `cargo xtask bench` (`--quick` for a one-minute run). It needs root (eBPF).
+mod arms;
+mod load;
+mod report;
+
+use std::{
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{
+    arms::{Arm, Context, Server},
+    load::{closed_loop, RunResult},
+    report::{ArmReport, Report, Scenario},
+};
+use balancer_bench::client::{online_cpus, open_loop, slow, Fate};
+
+/// Benchmark balancer against a shared socket, plain SO_REUSEPORT, SO_REUSEPORT with
+/// SO_INCOMING_CPU and an SK_PASS program.
+#[derive(Parser)]
+#[command(
+    after_help = "Run through `cargo xtask bench [--quick]`, which builds everything and runs this as root."
+)]
+struct Args {
+    /// The balancer binary (release build for real numbers).
+    #[arg(long)]
+    balancer: PathBuf,
+    /// The eBPF object (for the SK_PASS arm).
+    #[arg(long)]
+    object: PathBuf,
+    /// Where results go: a dated directory is made under it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write this performance page (docs/performance.md).
+    #[arg(long)]
+    docs: Option<PathBuf>,
+    /// About one minute: one run per arm, short scenarios.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds only, for `cargo xtask test`: checks correctness (every arm serves, nothing
+    /// fails without faults, the cpu policy keeps locality), never timing.
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
+    /// Runs per arm for the throughput figures.
+    #[arg(long, default_value_t = 5)]
+    runs: u32,
+}
+
+/// Durations of one mode.
+struct Plan {
+    runs: u32,
+    run: Duration,
+    stall_rate: u32,
+    stall_load: Duration,
+    stall_stop: Duration,
+    kill_load: Duration,
+    kill_every: Duration,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("balancer-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the benchmark loads eBPF and starts balancer: run it as root (cargo xtask bench does)"
+        );
+    }
+    let plan = if args.smoke {
+        Plan {
+            runs: 1,
+            run: Duration::from_millis(300),
+            stall_rate: 300,
+            stall_load: Duration::from_millis(1500),
+            stall_stop: Duration::from_millis(800),
+            kill_load: Duration::from_millis(800),
+            kill_every: Duration::from_millis(300),
+        }
+    } else if args.quick {
+        Plan {
+            runs: 1,
+            run: Duration::from_secs(1),
+            stall_rate: 1000,
+            stall_load: Duration::from_secs(2),
+            stall_stop: Duration::from_secs(1),
+            kill_load: Duration::from_secs(1),
+            kill_every: Duration::from_millis(300),
+        }
+    } else {
+        Plan {
+            runs: args.runs.max(1),
+            run: Duration::from_secs(3),
+            stall_rate: 1000,
+            stall_load: Duration::from_secs(5),
+            stall_stop: Duration::from_secs(3),
+            kill_load: Duration::from_secs(3),
+            kill_every: Duration::from_millis(300),
+        }
+    };
+    let cpus = online_cpus();
+    let scratch = std::env::temp_dir().join(format!("balancer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let ctx = Context {
+        balancer: args.balancer.clone(),
+        object: args.object.clone(),
+        workers: cpus.len() as u32,
+        scratch: scratch.clone(),
+    };
+    let arms = Arm::ALL;
+    let steps = plan.runs as u64 * arms.len() as u64 + 3 * arms.len() as u64 + 1;
+    let bar = ProgressBar::new(steps).with_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    let mut reports: Vec<ArmReport> = arms.iter().map(|a| ArmReport::new(a.name())).collect();
+
+    // Throughput: rounds over all arms, so drift hits every arm alike.
+    for round in 0..plan.runs {
+        for (i, arm) in arms.iter().enumerate() {
+            bar.set_message(format!("run {}/{} {}", round + 1, plan.runs, arm.name()));
+            let server = Server::start(*arm, &ctx, false)?;
+            let r = closed_loop(server.addr, &cpus, plan.run);
+            server.stop();
+            reports[i].runs.push(r);
+            bar.inc(1);
+        }
+    }
+
+    // Program cost: a separate pass with the kernel's BPF statistics on (they cost throughput).
+    {
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("turning on BPF run-time statistics")?;
+        for (i, arm) in arms.iter().enumerate() {
+            if !matches!(arm, Arm::Balancer(_) | Arm::PassOnly) {
+                continue;
+            }
+            bar.set_message(format!("program cost {}", arm.name()));
+            let server = Server::start(*arm, &ctx, true)?;
+            let _ = closed_loop(server.addr, &cpus, plan.run);
+            reports[i].program_ns = server.program_cost()?.map(|(ns, _)| ns);
+            server.stop();
+        }
+        bar.inc(1);
+    }
+
+    // Scenarios: a stopped worker, and workers killed under load.
+    for (i, arm) in arms.iter().enumerate() {
+        bar.set_message(format!("stopped worker {}", arm.name()));
+        reports[i].stall = Some(stopped_worker(*arm, &ctx, &plan)?);
+        bar.inc(1);
+        bar.set_message(format!("killed workers {}", arm.name()));
+        reports[i].kill = Some(killed_workers(*arm, &ctx, &cpus, &plan)?);
+        bar.inc(1);
+        if let Arm::Balancer("cpu") = arm {
+            bar.set_message("policy switches under load");
+            reports[i].switch = Some(policy_switches(*arm, &ctx, &cpus, &plan)?);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let report = Report::new(reports, &plan_text(&plan), args.smoke);
+    let dir = report.write(&args.out)?;
+    print!("{}", report.markdown());
+    println!("results in {}", dir.display());
+    if let Some(docs) = &args.docs {
+        report.write_docs(docs, &dir)?;
+        println!("updated {}", docs.display());
+    }
+    if args.smoke {
+        report.check_smoke()?;
+        println!("bench smoke: every arm served, no failure without faults, cpu policy local");
+    }
+    Ok(())
+}
+
+fn plan_text(p: &Plan) -> String {
+    format!(
+        "{} run(s) of {:?} closed-loop per arm; stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}",
+        p.runs, p.run, p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every
+    )
+}
+
+/// One worker SIGSTOPped in the middle of an open-loop run.
+fn stopped_worker(arm: Arm, ctx: &Context, plan: &Plan) -> Result<Scenario> {
+    let server = Server::start(arm, ctx, false)?;
+    let addr = server.addr;
+    let (rate, load) = (plan.stall_rate, plan.stall_load);
+    let client = thread::spawn(move || open_loop(addr, rate, load, Duration::from_secs(3)));
+    thread::sleep((plan.stall_load - plan.stall_stop) / 2);
+    server.signal_worker(1 % ctx.workers, libc::SIGSTOP)?;
+    thread::sleep(plan.stall_stop);
+    server.signal_worker(1 % ctx.workers, libc::SIGCONT)?;
+    let fates = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    server.stop();
+    Ok(Scenario {
+        connections: fates.len() as u64,
+        slow: slow(&fates, Duration::from_secs(1)) as u64,
+        timed_out: fates.iter().filter(|f| **f == Fate::TimedOut).count() as u64,
+        failed: fates.iter().filter(|f| **f == Fate::Failed).count() as u64,
+    })
+}
+
+/// Closed-loop load while one worker after another is SIGKILLed.
+fn killed_workers(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<Scenario> {
+    let mut server = Server::start(arm, ctx, false)?;
+    let addr = server.addr;
+    let (cpus_owned, load) = (cpus.to_vec(), plan.kill_load);
+    let client = thread::spawn(move || closed_loop(addr, &cpus_owned, load));
+    let end = Instant::now() + plan.kill_load;
+    let mut slot = 0;
+    thread::sleep(plan.kill_every);
+    while Instant::now() + plan.kill_every / 2 < end {
+        server.kill_worker(slot % ctx.workers, ctx)?;
+        slot += 1;
+        thread::sleep(plan.kill_every);
+    }
+    let r: RunResult = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    server.stop();
+    Ok(Scenario {
+        connections: r.connections + r.failed,
+        slow: 0,
+        timed_out: 0,
+        failed: r.failed,
+    })
+}
+
+/// Closed-loop load while the policy changes every 300 ms.
+fn policy_switches(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<Scenario> {
+    let server = Server::start(arm, ctx, false)?;
+    let addr = server.addr;
+    let (cpus_owned, load) = (cpus.to_vec(), plan.kill_load);
+    let client = thread::spawn(move || closed_loop(addr, &cpus_owned, load));
+    let end = Instant::now() + plan.kill_load;
+    let policies = ["hash", "round-robin", "least-loaded", "cpu"];
+    let mut i = 0;
+    while Instant::now() + Duration::from_millis(150) < end {
+        thread::sleep(Duration::from_millis(300));
+        server.cli(&["policy", "set", policies[i % policies.len()]])?;
+        i += 1;
+    }
+    let r = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    server.stop();
+    Ok(Scenario {
+        connections: r.connections + r.failed,
+        slow: 0,
+        timed_out: 0,
+        failed: r.failed,
+    })
+}

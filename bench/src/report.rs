@@ -1,0 +1,393 @@
+//! Turning runs into figures: a markdown table, JSON, SVG charts, and docs/performance.md.
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use plotters::prelude::*;
+
+use crate::load::RunResult;
+
+/// A fault scenario's outcome for one arm.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Scenario {
+    /// Connections tried.
+    pub connections: u64,
+    /// First byte after more than 1 s, or never.
+    pub slow: u64,
+    /// No answer within the deadline.
+    pub timed_out: u64,
+    /// Refused or reset.
+    pub failed: u64,
+}
+
+/// Everything measured for one arm.
+pub struct ArmReport {
+    /// Arm name.
+    pub name: String,
+    /// Throughput runs.
+    pub runs: Vec<RunResult>,
+    /// Program ns per selection (stats pass).
+    pub program_ns: Option<f64>,
+    /// Stopped-worker scenario.
+    pub stall: Option<Scenario>,
+    /// Killed-workers scenario.
+    pub kill: Option<Scenario>,
+    /// Policy switches under load (balancer cpu arm).
+    pub switch: Option<Scenario>,
+}
+
+impl ArmReport {
+    /// An arm with nothing measured yet.
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            runs: Vec::new(),
+            program_ns: None,
+            stall: None,
+            kill: None,
+            switch: None,
+        }
+    }
+
+    fn median_by(&self, f: impl Fn(&RunResult) -> f64) -> (f64, f64, f64) {
+        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return (0.0, 0.0, 0.0);
+        }
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    }
+}
+
+/// The whole benchmark.
+pub struct Report {
+    arms: Vec<ArmReport>,
+    plan: String,
+    smoke: bool,
+    machine: String,
+    date: String,
+}
+
+#[derive(serde::Serialize)]
+struct ArmJson<'a> {
+    name: &'a str,
+    rates: Vec<f64>,
+    cpu_us_per_connection: Vec<f64>,
+    locality: Vec<f64>,
+    failed: Vec<u64>,
+    program_ns_per_selection: Option<f64>,
+    stopped_worker: Option<Scenario>,
+    killed_workers: Option<Scenario>,
+    policy_switches: Option<Scenario>,
+}
+
+impl Report {
+    /// Collects the arms' results.
+    pub fn new(arms: Vec<ArmReport>, plan: &str, smoke: bool) -> Self {
+        Self {
+            arms,
+            plan: plan.to_owned(),
+            smoke,
+            machine: machine(),
+            date: now_utc(),
+        }
+    }
+
+    fn baseline(&self) -> Option<&ArmReport> {
+        self.arms.iter().find(|a| a.name.starts_with("2 "))
+    }
+
+    fn floor_ns(&self) -> Option<f64> {
+        self.arms
+            .iter()
+            .find(|a| a.name.starts_with("7 "))
+            .and_then(|a| a.program_ns)
+    }
+
+    /// The results table and scenario table, in markdown.
+    pub fn markdown(&self) -> String {
+        let base_rate = self
+            .baseline()
+            .map_or(1.0, |b| b.median_by(RunResult::rate).0);
+        let base_cpu = self
+            .baseline()
+            .map_or(1.0, |b| b.median_by(RunResult::cpu_per_connection_us).0);
+        let workers = self
+            .arms
+            .first()
+            .and_then(|a| a.runs.first())
+            .map_or(1, |r| r.per_worker.len().max(1));
+        let mut out = String::new();
+        let _ = writeln!(out, "Machine: {}. Date: {}.\n", self.machine, self.date);
+        let _ = writeln!(out, "Plan: {}.\n", self.plan);
+        out.push_str("| arm | new conn/s, median (min–max) | × arm 2 | CPU µs/conn | × arm 2 | locality | CV | max/min | connect p50 / p99 µs | TTFB p50 / p99 µs | program ns/selection (− floor) | failed |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for a in &self.arms {
+            let (rate, lo, hi) = a.median_by(RunResult::rate);
+            let (cpu, _, _) = a.median_by(RunResult::cpu_per_connection_us);
+            let (loc, _, _) = a.median_by(RunResult::locality);
+            let (cv, _, _) = a.median_by(|r| r.evenness(workers).0);
+            let (mm, _, _) = a.median_by(|r| r.evenness(workers).1);
+            let last = a.runs.last();
+            let q = |h: Option<&hdrhistogram::Histogram<u64>>, p: f64| {
+                h.map_or(0, |h| h.value_at_quantile(p))
+            };
+            let program = match (a.program_ns, self.floor_ns()) {
+                (Some(ns), Some(floor)) if !a.name.starts_with("7 ") => {
+                    format!("{ns:.0} ({:+.0})", ns - floor)
+                }
+                (Some(ns), _) => format!("{ns:.0} (floor)"),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.2} | {:.1} % | {:.3} | {:.2} | {} / {} | {} / {} | {} | {} |",
+                a.name,
+                rate,
+                lo,
+                hi,
+                rate / base_rate.max(1e-9),
+                cpu,
+                cpu / base_cpu.max(1e-9),
+                loc * 100.0,
+                cv,
+                mm,
+                q(last.map(|r| &r.connect), 0.5),
+                q(last.map(|r| &r.connect), 0.99),
+                q(last.map(|r| &r.ttfb), 0.5),
+                q(last.map(|r| &r.ttfb), 0.99),
+                program,
+                a.runs.iter().map(|r| r.failed).sum::<u64>(),
+            );
+        }
+        out.push_str("\n| arm | stopped worker: first byte > 1 s | timed out | failed | killed workers: failed connections | policy switches: failed |\n");
+        out.push_str("|---|---|---|---|---|---|\n");
+        for a in &self.arms {
+            let s = a.stall;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                a.name,
+                s.map_or("–".into(), |s| format!(
+                    "{} of {} ({:.2} %)",
+                    s.slow,
+                    s.connections,
+                    100.0 * s.slow as f64 / s.connections.max(1) as f64
+                )),
+                s.map_or("–".into(), |s| s.timed_out.to_string()),
+                s.map_or("–".into(), |s| s.failed.to_string()),
+                a.kill.map_or("–".into(), |k| format!(
+                    "{} of {}",
+                    k.failed, k.connections
+                )),
+                a.switch.map_or("–".into(), |k| format!(
+                    "{} of {}",
+                    k.failed, k.connections
+                )),
+            );
+        }
+        out
+    }
+
+    /// Writes results.md, results.json and the charts under `root/<date>/`.
+    pub fn write(&self, root: &Path) -> Result<PathBuf> {
+        let dir = root.join(if self.smoke {
+            format!("smoke-{}", self.date.replace([' ', ':'], "-"))
+        } else {
+            self.date.replace([' ', ':'], "-")
+        });
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("results.md"), self.markdown())?;
+        let json: Vec<ArmJson> = self
+            .arms
+            .iter()
+            .map(|a| ArmJson {
+                name: &a.name,
+                rates: a.runs.iter().map(RunResult::rate).collect(),
+                cpu_us_per_connection: a
+                    .runs
+                    .iter()
+                    .map(RunResult::cpu_per_connection_us)
+                    .collect(),
+                locality: a.runs.iter().map(RunResult::locality).collect(),
+                failed: a.runs.iter().map(|r| r.failed).collect(),
+                program_ns_per_selection: a.program_ns,
+                stopped_worker: a.stall,
+                killed_workers: a.kill,
+                policy_switches: a.switch,
+            })
+            .collect();
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        self.chart(
+            &dir.join("throughput.svg"),
+            "new connections per second (median, min–max)",
+            RunResult::rate,
+        )?;
+        self.chart(
+            &dir.join("cpu.svg"),
+            "busy CPU µs per connection (median, min–max)",
+            RunResult::cpu_per_connection_us,
+        )?;
+        Ok(dir)
+    }
+
+    fn chart(&self, path: &Path, title: &str, f: fn(&RunResult) -> f64) -> Result<()> {
+        let values: Vec<(f64, f64, f64)> = self.arms.iter().map(|a| a.median_by(f)).collect();
+        let top = values.iter().map(|v| v.2).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let n = self.arms.len();
+        let root = SVGBackend::new(path, (900, 60 + 40 * n as u32)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(260)
+            .build_cartesian_2d(0.0..top, (0..n).into_segmented())?;
+        let names: Vec<String> = self.arms.iter().map(|a| a.name.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_label_formatter(&|y| match y {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()?;
+        chart.draw_series(values.iter().enumerate().map(|(i, v)| {
+            Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (v.0, SegmentValue::Exact(i + 1)),
+                ],
+                BLUE.mix(0.5).filled(),
+            )
+        }))?;
+        chart.draw_series(values.iter().enumerate().map(|(i, v)| {
+            PathElement::new(
+                vec![
+                    (v.1, SegmentValue::CenterOf(i)),
+                    (v.2, SegmentValue::CenterOf(i)),
+                ],
+                BLACK.stroke_width(2),
+            )
+        }))?;
+        root.present()?;
+        Ok(())
+    }
+
+    /// Writes docs/performance.md: the latest table, the machine, how to reproduce.
+    pub fn write_docs(&self, docs: &Path, results: &Path) -> Result<()> {
+        let rel = results
+            .strip_prefix(
+                docs.parent()
+                    .and_then(Path::parent)
+                    .unwrap_or(Path::new("")),
+            )
+            .unwrap_or(results)
+            .display()
+            .to_string();
+        let text = format!(
+            "# Performance\n\n\
+The latest `cargo xtask bench` run, written by the benchmark itself. Every arm serves the same \
+demo worker (`balancer demo-worker`) with one worker per CPU, measured by the same client (one \
+closed-loop thread per CPU, pinned, each from its own 127.0.0.x source address; the server \
+closes first), arms interleaved run by run.\n\n\
+Arms: 1, one listening socket shared by every worker; 2, `SO_REUSEPORT` with the kernel's hash \
+(the reference for the ratios); 3, `SO_REUSEPORT` with `SO_INCOMING_CPU` set per listener and \
+workers pinned to their CPU; 4–6, balancer with each policy (`cpu` with `--pin-workers`); 7, \
+`SO_REUSEPORT` with an `SK_REUSEPORT` program that only returns `SK_PASS` (the BPF floor for \
+the program cost column). Locality: the share of connections answered on the CPU that \
+received them. CV and max/min: the spread of connections over workers. Program cost: \
+`run_time_ns / run_cnt` from the kernel's BPF statistics, in a separate pass, minus arm 7.\n\n\
+Scenarios: *stopped worker*, an open-loop client while one worker is `SIGSTOP`ped; *killed \
+workers*, one worker `SIGKILL`ed after another under closed-loop load (arms 1–3 and 7 restart \
+theirs at once like a pre-fork master; in arms 2, 3 and 7 the killed worker's socket closes \
+with it, so what was queued on it is reset); *policy switches*, balancer's policy changed \
+every 300 ms under load. A killed worker also loses the connections it had already accepted, \
+in every arm.\n\n{}\n\
+Charts: [throughput]({rel}/throughput.svg), [CPU per connection]({rel}/cpu.svg); raw figures \
+in [{rel}/results.json]({rel}/results.json).\n\n\
+## Reproduce\n\n```sh\ncargo xtask bench          # five runs per arm, several minutes\n\
+cargo xtask bench --quick  # about a minute\n```\n\n\
+It builds the release binaries, runs the benchmark as root (through sudo when needed), writes \
+`bench/results/<date>/` and this page. Loopback only; every load is bounded in count and time. \
+`cargo xtask test` runs a seconds-long smoke pass that checks correctness only.\n",
+            self.markdown()
+        );
+        let text = text.replace(&format!("{}/", results.display()), &format!("{rel}/"));
+        std::fs::write(docs, text).with_context(|| format!("writing {}", docs.display()))
+    }
+
+    /// The smoke pass's correctness checks (never timing).
+    pub fn check_smoke(&self) -> Result<()> {
+        for a in &self.arms {
+            let served: u64 = a.runs.iter().map(|r| r.connections).sum();
+            let failed: u64 = a.runs.iter().map(|r| r.failed).sum();
+            if served == 0 || failed > 0 {
+                bail!(
+                    "{}: {served} connections served, {failed} failed without any fault",
+                    a.name
+                );
+            }
+            if a.name.ends_with("balancer cpu") {
+                let local: u64 = a.runs.iter().map(|r| r.local).sum();
+                if local != served {
+                    bail!(
+                        "{}: {local} of {served} connections handled on their RX CPU",
+                        a.name
+                    );
+                }
+            }
+            if let Some(s) = a.stall {
+                if s.connections == 0 {
+                    bail!("{}: the stopped-worker scenario made no connection", a.name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "Linux {}, {} CPUs ({model})",
+        kernel.trim(),
+        balancer_bench::client::online_cpus().len()
+    )
+}
+
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
