@@ -1,5 +1,5 @@
 //! The built-in worker: answers every HTTP request on its inherited sockets with
-//! `slot=<i> pid=<pid> cpu=<SO_INCOMING_CPU>` and closes the connection.
+//! `slot=<i> pid=<pid> cpu=<SO_INCOMING_CPU> on=<CPU it ran on>` and closes the connection.
 use std::{
     env, io,
     os::{

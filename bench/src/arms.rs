@@ -166,19 +166,16 @@ impl Server {
         Ok(server)
     }
 
-    /// The worker pids, index = slot.
-    pub fn worker_pids(&self) -> Result<Vec<u32>> {
+    /// The worker pid of `slot`, if one runs (a balancer slot may be respawning).
+    pub fn worker_pid(&self, slot: u32) -> Result<Option<u32>> {
         match &self.balancer {
             Some((_, control)) => {
                 let status = self.status(control)?;
-                Ok(status["slots"]
-                    .as_array()
-                    .context("status slots")?
-                    .iter()
-                    .filter_map(|s| s["pid"].as_u64().map(|p| p as u32))
-                    .collect())
+                Ok(status["slots"][slot as usize]["pid"]
+                    .as_u64()
+                    .map(|p| p as u32))
             }
-            None => Ok(self.workers.iter().map(Child::id).collect()),
+            None => Ok(self.workers.get(slot as usize).map(Child::id)),
         }
     }
 
@@ -238,7 +235,10 @@ impl Server {
     /// shared arm on the shared socket, the reuseport arms on a new socket (the old one died
     /// with the worker, and what was queued on it was reset). balancer respawns its own.
     pub fn kill_worker(&mut self, slot: u32, ctx: &Context) -> Result<()> {
-        let pid = self.worker_pids()?[slot as usize];
+        let Some(pid) = self.worker_pid(slot)? else {
+            // Still being respawned by balancer: nothing to kill this time.
+            return Ok(());
+        };
         // SAFETY: kill(2) on a worker of this arm.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         if self.balancer.is_some() {
@@ -263,7 +263,9 @@ impl Server {
 
     /// SIGSTOP or SIGCONT to worker `slot`.
     pub fn signal_worker(&self, slot: u32, sig: libc::c_int) -> Result<()> {
-        let pid = self.worker_pids()?[slot as usize];
+        let pid = self
+            .worker_pid(slot)?
+            .with_context(|| format!("slot {slot} has no worker to signal"))?;
         // SAFETY: kill(2) on a worker of this arm.
         unsafe { libc::kill(pid as i32, sig) };
         Ok(())

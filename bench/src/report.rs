@@ -308,7 +308,9 @@ workers*, one worker `SIGKILL`ed after another under closed-loop load (arms 1–
 theirs at once like a pre-fork master; in arms 2, 3 and 7 the killed worker's socket closes \
 with it, so what was queued on it is reset); *policy switches*, balancer's policy changed \
 every 300 ms under load. A killed worker also loses the connections it had already accepted, \
-in every arm.\n\n{}\n\
+in every arm. balancer backs off respawning a worker that keeps dying within 10 s of its start \
+(100 ms, doubling), so under kills every 300 ms its slots stay down longer than a plain \
+master's instant restart: it serves fewer connections in that scenario, and fails fewer.\n\n{}\n\
 Charts: [throughput]({rel}/throughput.svg), [CPU per connection]({rel}/cpu.svg); raw figures \
 in [{rel}/results.json]({rel}/results.json).\n\n\
 ## Reproduce\n\n```sh\ncargo xtask bench          # five runs per arm, several minutes\n\
