@@ -113,14 +113,7 @@ fn sum(status: &Value, field: &str) -> u64 {
 fn policy_switches_under_load_lose_nothing_and_take_effect() {
     let cpus = online_cpus();
     let n = cpus.len();
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--policy",
-        "cpu",
-        "--workers",
-        &n.to_string(),
-    ]);
+    let b = Balancer::start(&["--policy", "cpu", "--workers", &n.to_string()]);
     let phase = Arc::new(AtomicU32::new(0));
     let load = Load::start(
         b.addrs[0],
@@ -177,14 +170,7 @@ fn policy_switches_under_load_lose_nothing_and_take_effect() {
 #[test]
 fn weights_1_to_3_give_shares_of_25_and_75_percent() {
     const CONNS: usize = 4000;
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--policy",
-        "cpu",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--policy", "cpu"]);
     ok(&b.cli(&["policy", "set", "hash", "--weights", "1,3"]));
     let policy: Value = serde_json::from_str(ok(&b.cli(&["policy", "--json"]))).unwrap();
     assert_eq!(
@@ -227,14 +213,7 @@ fn weights_1_to_3_give_shares_of_25_and_75_percent() {
 
 #[test]
 fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let before = pids(&b.status());
     let phase = Arc::new(AtomicU32::new(0));
     let load = Load::start(b.addrs[0], &[None, None], phase.clone());
@@ -284,8 +263,6 @@ fn a_new_worker_that_never_becomes_ready_leaves_the_old_one_serving() {
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--workers",
         "2",
         "--policy",
@@ -323,8 +300,6 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
     const DURING: usize = 200;
     let bin = balancer_bin();
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--workers",
         "4",
         "--policy",
@@ -392,14 +367,7 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
 
 #[test]
 fn scale_up_new_slots_take_traffic_once_ready() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let out = ok(&b.cli(&["workers", "scale", "4"])).to_owned();
     assert!(out.contains("scaled to 4 workers"), "{out}");
     let status = b.status();
@@ -417,14 +385,7 @@ fn scale_up_new_slots_take_traffic_once_ready() {
 
 #[test]
 fn a_drained_slot_gets_nothing_new_while_its_worker_stays_up() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let worker1 = pids(&b.status())[1];
     ok(&b.cli(&["drain", "--slot", "1"]));
     let status = b.status();
@@ -479,7 +440,7 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_control_socket_answers_bad_requests_and_stays_up_unchanged() {
-    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let b = Balancer::start(&["--workers", "2"]);
     let before = b.status();
     for (bytes, kind) in [
         (b"this is not a frame at all\n".to_vec(), "too-large"),
@@ -518,7 +479,7 @@ fn the_control_socket_answers_bad_requests_and_stays_up_unchanged() {
 #[test]
 fn a_peer_of_another_uid_may_not_change_anything() {
     const NOBODY: u32 = 65534;
-    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let b = Balancer::start(&["--workers", "2"]);
     // A copy of the CLI that uid 65534 can execute, wherever the build tree is.
     let dir = unique_path("nobody");
     std::fs::create_dir_all(&dir).unwrap();
@@ -563,14 +524,7 @@ fn a_peer_of_another_uid_may_not_change_anything() {
 
 #[test]
 fn status_json_matches_the_workers() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "3",
-        "--policy",
-        "hash",
-    ]);
+    let b = Balancer::start(&["--workers", "3", "--policy", "hash"]);
     let mut served: HashMap<u32, u32> = HashMap::new();
     for _ in 0..300 {
         let a = get(b.addrs[0]).unwrap();
@@ -598,7 +552,7 @@ fn status_json_matches_the_workers() {
 
 #[test]
 fn sighup_restarts_every_slot() {
-    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let b = Balancer::start(&["--workers", "2"]);
     let before = pids(&b.status());
     b.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -624,15 +578,7 @@ fn sighup_restarts_every_slot() {
 
 #[test]
 fn metrics_are_served_in_prometheus_text_format() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--metrics",
-        "127.0.0.1:0",
-        "--bpf-stats",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--metrics", "127.0.0.1:0", "--bpf-stats"]);
     let url = b
         .stdout_lines()
         .iter()
@@ -690,14 +636,7 @@ fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
     };
     assert_eq!(r, 0, "mount bpffs: {}", std::io::Error::last_os_error());
     let dir = mnt.join("group");
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--bpffs-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--bpffs-dir", dir.to_str().unwrap()]);
     let addr_dir = dir.join(format!("127_0_0_1_{}", b.addrs[0].port()));
     for name in ["select_socket", "SOCKETS", "CONFIG", "TABLES", "COUNTERS"] {
         assert!(
@@ -716,7 +655,7 @@ fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
 
 #[test]
 fn a_second_controller_on_the_same_control_socket_is_refused() {
-    let b = Balancer::start(&["--listen", "127.0.0.1:0", "--workers", "1"]);
+    let b = Balancer::start(&["--workers", "1"]);
     let f = run_to_end(
         &[
             "run",

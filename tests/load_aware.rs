@@ -25,14 +25,7 @@ fn field(status: &Value, i: usize, name: &str) -> u64 {
 fn round_robin_spreads_10000_connections_within_1_percent() {
     const SLOTS: usize = 4;
     const CONNS: usize = 10_000;
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        &SLOTS.to_string(),
-        "--policy",
-        "round-robin",
-    ]);
+    let b = Balancer::start(&["--workers", &SLOTS.to_string(), "--policy", "round-robin"]);
     let mut seen = [0f64; SLOTS];
     for i in 0..CONNS {
         seen[get(b.addrs[0])
@@ -60,7 +53,7 @@ fn round_robin_spreads_10000_connections_within_1_percent() {
 /// connections/s (each with a 3 s deadline) and continued when the load ends. Returns the
 /// fates and the status after the slot came back.
 fn stopped_worker_run(args: &[&str], client_cpu: Option<u32>) -> (Vec<Fate>, Value) {
-    let mut all = vec!["--listen", "127.0.0.1:0", "--workers", "2"];
+    let mut all = vec!["--workers", "2"];
     all.extend_from_slice(args);
     let b = Balancer::start(&all);
     let addr = b.addrs[0];
@@ -213,8 +206,6 @@ fn without_evacuation_only_the_connections_queued_before_detection_wait() {
 fn spill_does_not_trigger_while_workers_keep_up() {
     let cpus = online_cpus();
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--workers",
         &cpus.len().to_string(),
         "--policy",
@@ -254,8 +245,6 @@ fn spill_does_not_trigger_while_workers_keep_up() {
 #[test]
 fn kill_stalled_replaces_a_stuck_worker() {
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--workers",
         "2",
         "--policy",

@@ -10,8 +10,6 @@ fn cpu_policy_keeps_every_connection_on_its_cpu() {
     let cpus = online_cpus();
     let n = cpus.len();
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--policy",
         "cpu",
         "--workers",
@@ -81,14 +79,7 @@ fn cpu_policy_keeps_every_connection_on_its_cpu() {
 fn hash_policy_spreads_connections_over_all_slots() {
     const SLOTS: usize = 4;
     const CONNS: usize = 4000;
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--policy",
-        "hash",
-        "--workers",
-        &SLOTS.to_string(),
-    ]);
+    let b = Balancer::start(&["--policy", "hash", "--workers", &SLOTS.to_string()]);
     let addr = b.addrs[0];
     let mut seen = [0u64; SLOTS];
     for i in 0..CONNS {

@@ -36,8 +36,6 @@ fn sigkill_of_a_worker_loses_no_connection() {
     // Load awareness off: this test is about supervision alone, so every connection made on
     // the victim's CPU must queue on the victim's socket (no spill, no stall evacuation).
     let mut b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--policy",
         "cpu",
         "--workers",
@@ -145,14 +143,7 @@ fn sigkill_of_a_worker_loses_no_connection() {
 
 #[test]
 fn a_crash_loop_is_backed_off() {
-    let mut b = balancer_tests::Balancer::start_unready(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--",
-        "/bin/false",
-    ]);
+    let mut b = balancer_tests::Balancer::start_unready(&["--workers", "1", "--", "/bin/false"]);
     thread::sleep(Duration::from_secs(3));
     assert!(b
         .wait_line(|l| l.starts_with("ready:"), Duration::ZERO)
@@ -172,14 +163,7 @@ fn a_crash_loop_is_backed_off() {
 
 #[test]
 fn sigterm_stops_every_worker_and_exits_zero() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let mut pids: Vec<u32> = (0..200).map(|_| get(b.addrs[0]).unwrap().pid).collect();
     pids.sort_unstable();
     pids.dedup();
@@ -197,14 +181,7 @@ fn sigterm_stops_every_worker_and_exits_zero() {
 
 #[test]
 fn no_worker_outlives_a_killed_controller() {
-    let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-    ]);
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let mut pids: Vec<u32> = (0..200).map(|_| get(b.addrs[0]).unwrap().pid).collect();
     pids.sort_unstable();
     pids.dedup();
@@ -225,8 +202,6 @@ fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
     let bin = balancer_bin();
     let started = Instant::now();
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--workers",
         "2",
         "--ready-timeout",
@@ -254,8 +229,6 @@ fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
 #[test]
 fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
     let b = Balancer::start(&[
-        "--listen",
-        "127.0.0.1:0",
         "--workers",
         "1",
         "--ready-timeout",

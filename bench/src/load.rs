@@ -40,6 +40,19 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    fn empty() -> Self {
+        Self {
+            connections: 0,
+            failed: 0,
+            elapsed: Duration::ZERO,
+            cpu_busy: Duration::ZERO,
+            connect: histogram(),
+            ttfb: histogram(),
+            per_worker: HashMap::new(),
+            local: 0,
+        }
+    }
+
     /// New connections per second.
     pub fn rate(&self) -> f64 {
         self.connections as f64 / self.elapsed.as_secs_f64()
@@ -88,16 +101,7 @@ pub fn closed_loop(addr: SocketAddr, cpus: &[u32], duration: Duration) -> RunRes
             })
         })
         .collect();
-    let mut total = RunResult {
-        connections: 0,
-        failed: 0,
-        elapsed: Duration::ZERO,
-        cpu_busy: Duration::ZERO,
-        connect: histogram(),
-        ttfb: histogram(),
-        per_worker: HashMap::new(),
-        local: 0,
-    };
+    let mut total = RunResult::empty();
     for t in threads {
         let Ok(r) = t.join() else { continue };
         total.connections += r.connections;
@@ -115,16 +119,7 @@ pub fn closed_loop(addr: SocketAddr, cpus: &[u32], duration: Duration) -> RunRes
 }
 
 fn client_thread(addr: SocketAddr, source: IpAddr, end: Instant) -> RunResult {
-    let mut r = RunResult {
-        connections: 0,
-        failed: 0,
-        elapsed: Duration::ZERO,
-        cpu_busy: Duration::ZERO,
-        connect: histogram(),
-        ttfb: histogram(),
-        per_worker: HashMap::new(),
-        local: 0,
-    };
+    let mut r = RunResult::empty();
     let mut text = String::with_capacity(256);
     for _ in 0..MAX_PER_THREAD {
         if Instant::now() >= end {

@@ -232,16 +232,7 @@ fn killed_workers(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<
         slot += 1;
         thread::sleep(plan.kill_every);
     }
-    let r: RunResult = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
-    server.stop();
-    Ok(Scenario {
-        connections: r.connections + r.failed,
-        slow: 0,
-        timed_out: 0,
-        failed: r.failed,
-    })
+    finish_closed_loop(client, server)
 }
 
 /// Closed-loop load while the policy changes every 300 ms.
@@ -258,6 +249,11 @@ fn policy_switches(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result
         server.cli(&["policy", "set", policies[i % policies.len()]])?;
         i += 1;
     }
+    finish_closed_loop(client, server)
+}
+
+/// Waits for a scenario's closed-loop client, stops the arm, and counts the failures.
+fn finish_closed_loop(client: thread::JoinHandle<RunResult>, server: Server) -> Result<Scenario> {
     let r = client
         .join()
         .map_err(|_| anyhow::anyhow!("client thread panicked"))?;

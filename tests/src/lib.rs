@@ -139,14 +139,22 @@ impl Balancer {
         b
     }
 
-    /// Starts `balancer run ARGS` and waits only for its listening lines.
+    /// Starts `balancer run ARGS` and waits only for its listening lines. Without a `--listen`,
+    /// it listens on a free port of 127.0.0.1 (never the default 8080: tests run in parallel).
     pub fn start_unready(args: &[&str]) -> Self {
         require_root();
         let control = unique_path("control.sock");
+        let own = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        let listen: &[&str] = if args[..own].contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(balancer_bin())
             .arg("run")
             .arg("--control")
             .arg(&control)
+            .args(listen)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
