@@ -116,15 +116,6 @@ impl SocketGroup {
         }
     }
 
-    /// Connections waiting in `slot`'s accept queues, summed over the addresses.
-    pub fn queue_depth(&self, slot: u32) -> u32 {
-        self.addresses
-            .iter()
-            .filter_map(|a| a.sockets.get(slot as usize))
-            .filter_map(|s| accept_queue_len(s).ok())
-            .sum()
-    }
-
     /// Every socket's accept-queue depth: `[address][slot]`.
     pub fn depths(&self) -> Vec<Vec<u32>> {
         self.addresses

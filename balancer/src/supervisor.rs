@@ -197,6 +197,8 @@ pub struct Supervisor {
     started: Instant,
     /// Time spent sampling queue depths, for `status`.
     sampling_spent: Duration,
+    /// The last sample: accept-queue depth per slot, summed over the addresses.
+    depths: Vec<u32>,
 }
 
 impl Supervisor {
@@ -225,6 +227,7 @@ impl Supervisor {
             announced_ready: false,
             started: Instant::now(),
             sampling_spent: Duration::ZERO,
+            depths: Vec::new(),
         };
         let mut tick = tokio::time::interval(sup.config.sample_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -580,8 +583,11 @@ impl Supervisor {
         let now = Instant::now();
         let mut changed = false;
         let mut evacuate = Vec::new();
+        self.depths = (0..self.slots.len())
+            .map(|i| depths.iter().filter_map(|a| a.get(i)).sum())
+            .collect();
         for (i, s) in self.slots.iter_mut().enumerate() {
-            let depth: u32 = depths.iter().filter_map(|a| a.get(i)).sum();
+            let depth = self.depths[i];
             let eligible = s.current.is_some_and(|w| w.ready)
                 && !s.removing
                 && !self.config.stall_timeout.is_zero();
@@ -1117,7 +1123,7 @@ impl Supervisor {
                     state: s.state().to_owned(),
                     cpus: self.config.layout.pinned_cpus(i as u32, self.slot_count()),
                     restarts: s.restarts,
-                    queue: self.group.queue_depth(i as u32),
+                    queue: self.depths.get(i).copied().unwrap_or(0),
                     steered: sum.selected(),
                     by_cpu: sum.by_cpu,
                     by_hash: sum.by_hash,
