@@ -14,9 +14,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about,
     long_about = "balancer owns a SO_REUSEPORT group: one listening socket per worker slot on every \
 listen address, kept open for the life of the group. An SK_REUSEPORT eBPF program picks the \
-socket for each new connection (by RX CPU or by flow hash), and a supervisor hands slot i's \
+socket for each new connection (by RX CPU, flow hash, round-robin or accept-queue load), and \
+a supervisor hands slot i's \
 socket to worker i by systemd socket activation (LISTEN_FDS, fd 3 on) and respawns it on the \
-same socket when it dies, so no queued connection is lost.\n\nNeeds root (CAP_BPF, CAP_NET_ADMIN).",
+same socket when it dies, so no queued connection is lost. `status`, `policy`, `workers`, \
+`drain` and `undrain` steer a running controller through its control socket.\n\nNeeds root \
+(CAP_BPF).",
     after_help = "Examples:\n  sudo balancer run\n  sudo balancer run --listen 0.0.0.0:80 --workers 8 --policy hash -- /usr/sbin/my-server --socket-activated\n  balancer run --help"
 )]
 pub struct Cli {

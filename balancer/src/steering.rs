@@ -46,7 +46,7 @@ build it with `cargo xtask build` (or run `cargo xtask run`)"
     /// The kernel lacks the program or map type.
     #[error(
         "this kernel does not support SK_REUSEPORT programs with REUSEPORT_SOCKARRAY maps \
-(Linux 4.19+ with CONFIG_BPF_SYSCALL; sk_reuseport/migrate needs 5.14+): {0}"
+of the select-or-migrate kind (Linux 5.14+ with CONFIG_BPF_SYSCALL): {0}"
     )]
     Unsupported(String),
     /// The verifier rejected the program.
