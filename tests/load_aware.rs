@@ -89,6 +89,18 @@ fn stopped_worker_run(args: &[&str], client_cpu: Option<u32>) -> (Vec<Fate>, Val
         victim,
         "the same worker, continued"
     );
+    // And it serves again, on its socket (re-listened after an evacuation).
+    let served = thread::spawn(move || {
+        if let Some(cpu) = client_cpu {
+            pin_thread(cpu);
+        }
+        (0..400)
+            .filter(|_| get(addr).is_ok_and(|a| a.slot == 1))
+            .count()
+    })
+    .join()
+    .unwrap();
+    assert!(served > 0, "the continued worker takes connections again");
     (fates, status)
 }
 
