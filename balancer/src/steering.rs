@@ -155,7 +155,7 @@ impl Steering {
                 let what = format!("{what} ({})", address.addr);
                 move |source| SteeringError::Map { what, source }
             };
-            let mut sockets: ReusePortSockArray<MapData> = take(&mut ebpf, maps::SOCKETS)?
+            let sockets: ReusePortSockArray<MapData> = take(&mut ebpf, maps::SOCKETS)?
                 .try_into()
                 .map_err(map_err("socket array"))?;
             let config = take(&mut ebpf, maps::CONFIG)?
@@ -170,11 +170,6 @@ impl Steering {
             let depths = take(&mut ebpf, maps::DEPTHS)?
                 .try_into()
                 .map_err(map_err("depths map"))?;
-            for (slot, socket) in address.sockets.iter().enumerate() {
-                sockets
-                    .set(slot as u32, socket, 0)
-                    .map_err(map_err(&format!("publishing slot {slot}'s socket")))?;
-            }
             let program: &mut SkReuseport = ebpf
                 .program_mut(PROGRAM_SELECT)
                 .ok_or(SteeringError::Missing("select program"))?
@@ -203,6 +198,7 @@ impl Steering {
             active: 1,
             switched_at: None,
         };
+        steering.publish_sockets(group, 0..slots)?;
         steering.write(policy, spill_depth, tables)?;
         for (instance, address) in steering.instances.iter_mut().zip(&group.addresses) {
             let program: &mut SkReuseport = instance
@@ -298,10 +294,15 @@ impl Steering {
             .collect()
     }
 
-    /// Publishes the sockets of slots `self.slots..slots` (after the group grew).
-    pub fn add_slots(&mut self, group: &SocketGroup, slots: u32) -> Result<(), SteeringError> {
+    /// Puts the sockets of `slots` into the socket arrays, index = slot: at start, after the
+    /// group grew, and after an evacuation's shutdown and listen took one out.
+    pub fn publish_sockets(
+        &mut self,
+        group: &SocketGroup,
+        slots: std::ops::Range<u32>,
+    ) -> Result<(), SteeringError> {
         for (i, address) in self.instances.iter_mut().zip(&group.addresses) {
-            for slot in self.slots..slots {
+            for slot in slots.clone() {
                 i.sockets
                     .set(slot, &address.sockets[slot as usize], 0)
                     .map_err(|source| SteeringError::Map {
@@ -310,6 +311,12 @@ impl Steering {
                     })?;
             }
         }
+        Ok(())
+    }
+
+    /// Publishes the sockets of slots `self.slots..slots` (after the group grew).
+    pub fn add_slots(&mut self, group: &SocketGroup, slots: u32) -> Result<(), SteeringError> {
+        self.publish_sockets(group, self.slots..slots)?;
         self.slots = slots;
         Ok(())
     }
@@ -328,20 +335,6 @@ impl Steering {
                 }
             }
         }
-    }
-
-    /// Puts `slot`'s sockets back into the socket arrays (after a shutdown and listen took
-    /// them out).
-    pub fn reinsert(&mut self, group: &SocketGroup, slot: u32) -> Result<(), SteeringError> {
-        for (i, address) in self.instances.iter_mut().zip(&group.addresses) {
-            i.sockets
-                .set(slot, &address.sockets[slot as usize], 0)
-                .map_err(|source| SteeringError::Map {
-                    what: format!("publishing slot {slot}'s socket again ({})", i.addr),
-                    source,
-                })?;
-        }
-        Ok(())
     }
 
     /// Forgets slots `slots..` (before the group shrinks): clears their counters, so that a

@@ -650,7 +650,7 @@ impl Supervisor {
             .map_err(|e| e.to_string())
             .and_then(|()| {
                 self.steering
-                    .reinsert(&self.group, slot)
+                    .publish_sockets(&self.group, slot..slot + 1)
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = result {
