@@ -376,7 +376,14 @@ fn test() -> Result<()> {
     sh_tests(&mut cmd, &mut totals)?;
     step("benchmark smoke pass (correctness only, no timing)");
     let scratch = env::temp_dir().join(format!("balancer-bench-smoke-{}", std::process::id()));
-    let result = run_bench(&object, &binary, false, &["--smoke", "--out"], &scratch);
+    let result = run_bench(
+        &object,
+        &binary,
+        false,
+        &["--smoke", "--out"],
+        &scratch,
+        None,
+    );
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
@@ -400,12 +407,15 @@ fn bench(quick: bool) -> Result<()> {
     } else {
         &["--out"]
     };
+    // Only a full run may replace the published figures.
+    let docs = (!quick).then(|| root_dir().join("docs/performance.md"));
     run_bench(
         &object,
         &binary,
         true,
         mode,
         &root_dir().join("bench/results"),
+        docs.as_deref(),
     )
 }
 
@@ -416,6 +426,7 @@ fn run_bench(
     release: bool,
     mode: &[&str],
     out: &Path,
+    docs: Option<&Path>,
 ) -> Result<()> {
     let profile = if release { "release" } else { "debug" };
     if !release {
@@ -437,9 +448,8 @@ fn run_bench(
         .arg(object)
         .args(mode)
         .arg(out);
-    if release {
-        cmd.arg("--docs")
-            .arg(root_dir().join("docs/performance.md"));
+    if let Some(docs) = docs {
+        cmd.arg("--docs").arg(docs);
     }
     sh(&mut cmd)
 }
