@@ -414,6 +414,16 @@ fn a_drained_slot_gets_nothing_new_while_its_worker_stays_up() {
         f.stderr
     );
     ok(&b.cli(&["undrain", "--slot", "1"]));
+    // Scaling down to drained slots only would leave nothing taking connections: refused.
+    ok(&b.cli(&["drain", "--slot", "0"]));
+    let f = b.cli(&["workers", "scale", "1"]);
+    assert!(
+        !f.status.success() && f.stderr.contains("would leave no slot"),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(b.status()["slots"].as_array().unwrap().len(), 2);
+    ok(&b.cli(&["undrain", "--slot", "0"]));
     let back = (0..400)
         .filter(|_| get(b.addrs[0]).unwrap().slot == 1)
         .count();

@@ -49,15 +49,16 @@ fn round_robin_spreads_10000_connections_within_1_percent() {
     );
 }
 
-/// Two workers; slot 1's worker is stopped 0.5 s into a 3 s open-loop run at 1000
+/// Two workers; slot `victim`'s worker is stopped 0.5 s into a 3 s open-loop run at 1000
 /// connections/s (each with a 3 s deadline) and continued when the load ends. Returns the
 /// fates and the status after the slot came back.
-fn stopped_worker_run(args: &[&str], client_cpu: Option<u32>) -> (Vec<Fate>, Value) {
+fn stopped_worker_run(args: &[&str], client_cpu: Option<u32>, victim: usize) -> (Vec<Fate>, Value) {
     let mut all = vec!["--workers", "2"];
     all.extend_from_slice(args);
     let b = Balancer::start(&all);
     let addr = b.addrs[0];
-    let victim = field(&b.status(), 1, "pid") as i32;
+    let slot_no = victim;
+    let victim = field(&b.status(), slot_no, "pid") as i32;
     let load = thread::spawn(move || {
         if let Some(cpu) = client_cpu {
             pin_thread(cpu);
@@ -75,32 +76,37 @@ fn stopped_worker_run(args: &[&str], client_cpu: Option<u32>) -> (Vec<Fate>, Val
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let s = b.status();
-        if slot(&s, 1)["state"] == "ready" {
+        if slot(&s, slot_no)["state"] == "ready" {
             break s;
         }
         assert!(
             Instant::now() < deadline,
-            "slot 1 did not return after SIGCONT: {s}"
+            "slot {slot_no} did not return after SIGCONT: {s}"
         );
         thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(
-        field(&status, 1, "pid") as i32,
+        field(&status, slot_no, "pid") as i32,
         victim,
         "the same worker, continued"
     );
-    // And it serves again, on its socket (re-listened after an evacuation).
+    // And it serves again, on its socket (re-listened after an evacuation, on the same port).
     let served = thread::spawn(move || {
         if let Some(cpu) = client_cpu {
             pin_thread(cpu);
         }
         (0..400)
-            .filter(|_| get(addr).is_ok_and(|a| a.slot == 1))
+            .filter(|_| get(addr).is_ok_and(|a| a.slot as usize == slot_no))
             .count()
     })
     .join()
     .unwrap();
-    assert!(served > 0, "the continued worker takes connections again");
+    assert!(
+        served > 0,
+        "the continued worker takes connections again: {}\n{}",
+        b.status(),
+        b.stderr()
+    );
     (fates, status)
 }
 
@@ -149,6 +155,7 @@ fn plain_hash_hangs_on_a_stopped_worker() {
             "0",
         ],
         None,
+        1,
     );
     println!("{}", summary("hash (no load awareness)", &fates));
     assert!(
@@ -160,7 +167,9 @@ fn plain_hash_hangs_on_a_stopped_worker() {
 
 #[test]
 fn least_loaded_routes_around_a_stopped_worker() {
-    let (fates, status) = stopped_worker_run(&["--policy", "least-loaded"], None);
+    // Slot 0: its socket was the first bound, so this also proves an evacuated socket keeps
+    // the group's port.
+    let (fates, status) = stopped_worker_run(&["--policy", "least-loaded"], None, 0);
     println!("{}", summary("least-loaded", &fates));
     assert!(
         slow(&fates) * 1000 <= fates.len(),
@@ -168,7 +177,11 @@ fn least_loaded_routes_around_a_stopped_worker() {
         summary("least-loaded", &fates)
     );
     assert!(fates.iter().all(|f| *f != Fate::Failed));
-    assert!(field(&status, 0, "by_least_loaded") > 0);
+    assert!(field(&status, 1, "by_least_loaded") > 0);
+    assert!(
+        field(&status, 1, "migrated") > 0,
+        "slot 0's queue was evacuated: {status}"
+    );
 }
 
 #[test]
@@ -180,7 +193,7 @@ fn cpu_with_spill_routes_around_a_stopped_worker() {
     );
     // Every connection is made on the victim's CPU, so the cpu policy's first choice is
     // always the stopped worker: only spill and stall handling can save them.
-    let (fates, status) = stopped_worker_run(&["--policy", "cpu"], Some(cpus[1]));
+    let (fates, status) = stopped_worker_run(&["--policy", "cpu"], Some(cpus[1]), 1);
     println!("{}", summary("cpu + spill", &fates));
     assert!(
         slow(&fates) * 1000 <= fates.len(),
@@ -202,8 +215,11 @@ fn without_evacuation_only_the_connections_queued_before_detection_wait() {
         cpus.len() >= 2,
         "this test needs 2 CPUs (the machine kind has 2)"
     );
-    let (fates, status) =
-        stopped_worker_run(&["--policy", "cpu", "--evacuate", "false"], Some(cpus[1]));
+    let (fates, status) = stopped_worker_run(
+        &["--policy", "cpu", "--evacuate", "false"],
+        Some(cpus[1]),
+        1,
+    );
     println!("{}", summary("cpu + spill, no evacuation", &fates));
     let waited = slow(&fates);
     // What queued on the stopped worker before its depth reached the spill depth (16) and

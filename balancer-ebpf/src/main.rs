@@ -84,7 +84,14 @@ fn select(ctx: &SkReuseportContext) {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let migrating = ctx.migrating_sk().is_some();
     let n_live = tables.n_live;
-    let (mut slot, mut path) = match PolicyKind::from_u32(config.policy) {
+    // A migration burst runs on the closing thread's CPU and between two depth samples: the
+    // cpu policy would send all of it to one slot. The flow hash spreads it over the live slots.
+    let policy = if migrating {
+        Some(PolicyKind::Hash)
+    } else {
+        PolicyKind::from_u32(config.policy)
+    };
+    let (mut slot, mut path) = match policy {
         Some(PolicyKind::Cpu) if cpu < MAX_CPUS => {
             let i = cpu * CPU_FANOUT + (hash & (CPU_FANOUT - 1));
             (tables.cpu[(i & (CPU_TABLE_LEN - 1)) as usize], Path::Cpu)

@@ -91,10 +91,13 @@ pub struct WorkerLaunch<'a> {
     pub cpus: Option<CpuSet>,
 }
 
+/// This binary, as the kernel holds it: still valid when the file was replaced or removed by
+/// an upgrade while the controller runs (where `current_exe()` would name a deleted path).
+pub const SELF_EXE: &str = "/proc/self/exe";
+
 /// Forks and starts the worker (through the `__exec-worker` trampoline).
 pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
-    let exe = env::current_exe()?;
-    let mut cmd = tokio::process::Command::new(exe);
+    let mut cmd = tokio::process::Command::new(SELF_EXE);
     cmd.arg("__exec-worker")
         .arg("--")
         .args(launch.command)
@@ -154,8 +157,9 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
                 libc::_exit(1);
             }
             if let Some(set) = &cpus {
-                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
-                    .map_err(io::Error::from)?;
+                // Best effort: a pinned CPU taken offline must not keep the slot from running
+                // (the parent warns about offline CPUs when it builds the set).
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set);
             }
             Ok(())
         });

@@ -122,12 +122,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             command.extend(rest.iter().cloned());
             command
         }
-        None => vec![
-            std::env::current_exe()
-                .context("locating this binary for the demo worker")?
-                .into_os_string(),
-            "demo-worker".into(),
-        ],
+        None => vec![activation::SELF_EXE.into(), "demo-worker".into()],
     };
     let layout = CpuLayout::detect().unwrap_or_else(|e| {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -138,12 +133,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .workers
         .unwrap_or_else(|| (layout.online().len() as u32).clamp(1, balancer_common::MAX_SLOTS));
     let policy = PolicyKind::from(args.policy);
-    let cpus = layout.online().len() as u32;
-    if policy == PolicyKind::Cpu && slots > cpus * balancer_common::CPU_FANOUT {
-        warn!(
-            "{slots} workers on {cpus} CPUs: the cpu policy spreads each CPU over at most {} slots, so some slots get no connections; use --policy hash",
-            balancer_common::CPU_FANOUT
-        );
+    if let Some(warning) = (policy == PolicyKind::Cpu)
+        .then(|| policy::cpu_overflow(&layout, slots))
+        .flatten()
+    {
+        warn!("{warning}");
     }
 
     let group = SocketGroup::bind(&args.listen, slots, args.backlog)?;

@@ -13,6 +13,11 @@ use crate::control::{
     server::Command,
 };
 
+/// Most metrics clients served at once.
+const MAX_CLIENTS: usize = 32;
+/// Longest time one metrics client may take, request to last byte.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Binds the metrics endpoint; answers every request with the current metrics.
 pub async fn serve(
     addr: SocketAddr,
@@ -20,11 +25,22 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    // A scraper needs one connection; a flood must not eat the controller's fds.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, commands.clone()));
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        debug!("metrics: {MAX_CLIENTS} clients already connected; dropping one");
+                        continue;
+                    };
+                    let commands = commands.clone();
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, commands)).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     warn!("metrics accept: {e}");

@@ -111,6 +111,18 @@ impl CpuLayout {
     }
 }
 
+/// Why the cpu policy cannot use every one of `slots` slots on this machine, if it cannot:
+/// each CPU's row spreads over at most [`CPU_FANOUT`] slots.
+pub fn cpu_overflow(layout: &CpuLayout, slots: u32) -> Option<String> {
+    let cpus = layout.online().len() as u32;
+    (slots > cpus * CPU_FANOUT).then(|| {
+        format!(
+            "{slots} workers on {cpus} CPUs: the cpu policy spreads each CPU over at most {CPU_FANOUT} slots, so {} slot(s) get no connections; use another policy or fewer workers",
+            slots - cpus * CPU_FANOUT
+        )
+    })
+}
+
 /// Builds the steering tables for `slots` worker slots of which those with `live[s]` may take
 /// new connections. Every entry names a live slot; if none is live, every slot counts as
 /// live, so connections queue on the sockets for the workers' successors instead of failing.
@@ -340,6 +352,14 @@ mod tests {
         assert_eq!(t.n_live, 2);
         assert!(row(&t, 0).iter().all(|s| *s == 0));
         assert!(row(&t, 1).iter().all(|s| *s == 1));
+    }
+
+    #[test]
+    fn the_cpu_policy_says_when_slots_would_starve() {
+        let layout = CpuLayout::contiguous(1);
+        assert!(cpu_overflow(&layout, CPU_FANOUT).is_none());
+        let text = cpu_overflow(&layout, CPU_FANOUT + 4).unwrap();
+        assert!(text.contains("4 slot(s) get no connections"), "{text}");
     }
 
     #[test]

@@ -153,8 +153,11 @@ impl SocketGroup {
     }
 }
 
-/// Binds `count` more listening sockets at `asked` into `sockets`; returns the bound address
-/// (the real port when 0 was asked for and `sockets` was empty).
+/// Binds `count` more listening sockets at `asked` into `sockets`; returns the bound address.
+///
+/// Port 0 is resolved by a probe socket first, so that every listener binds an explicit port:
+/// only then does the kernel keep the port across `shutdown` + `listen` (an evacuation), where
+/// a socket bound to port 0 would come back on a new random port, alone.
 fn bind_sockets(
     asked: SocketAddr,
     sockets: &mut Vec<Socket>,
@@ -167,44 +170,58 @@ fn bind_sockets(
         source,
     };
     let mut addr = asked;
+    // Held until the listeners are bound, so that nobody else takes the port meanwhile.
+    let mut _probe = None;
+    if addr.port() == 0 && count > 0 {
+        let probe = bound_socket(asked, addr)?;
+        let local = probe.local_addr().map_err(|e| io_err("getsockname", e))?;
+        addr = local.as_socket().unwrap_or(addr);
+        _probe = Some(probe);
+    }
     for _ in 0..count {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-            .map_err(|e| io_err("socket", e))?;
-        socket
-            .set_reuse_address(true)
-            .map_err(|e| io_err("SO_REUSEADDR", e))?;
-        // Must be set before bind: the kernel forms the group at bind time.
-        socket
-            .set_reuse_port(true)
-            .map_err(|e| io_err("SO_REUSEPORT", e))?;
-        if addr.is_ipv6() {
-            // A [::] group must not also swallow IPv4: list 0.0.0.0 separately for that.
-            socket
-                .set_only_v6(true)
-                .map_err(|e| io_err("IPV6_V6ONLY", e))?;
-        }
-        socket
-            .bind(&addr.into())
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EADDRINUSE) => SocketGroupError::HeldWithoutReuseport {
-                    addr: asked,
-                    holder: proc_net::describe_holders(addr),
-                },
-                Some(libc::EACCES) => SocketGroupError::PermissionDenied { addr: asked },
-                Some(libc::EADDRNOTAVAIL) => SocketGroupError::NotLocal { addr: asked },
-                _ => io_err("bind", e),
-            })?;
-        if addr.port() == 0 {
-            // The first socket picked the port; the others must join it there.
-            let local = socket.local_addr().map_err(|e| io_err("getsockname", e))?;
-            addr = local.as_socket().unwrap_or(addr);
-        }
+        let socket = bound_socket(asked, addr)?;
         socket
             .listen(backlog.min(i32::MAX as u32) as i32)
             .map_err(|e| io_err("listen", e))?;
         sockets.push(socket);
     }
     Ok(addr)
+}
+
+/// A TCP socket with SO_REUSEPORT bound to `addr` (`asked` is what errors name).
+fn bound_socket(asked: SocketAddr, addr: SocketAddr) -> Result<Socket, SocketGroupError> {
+    let io_err = |op, source| SocketGroupError::Io {
+        op,
+        addr: asked,
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| io_err("socket", e))?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|e| io_err("SO_REUSEADDR", e))?;
+    // Must be set before bind: the kernel forms the group at bind time.
+    socket
+        .set_reuse_port(true)
+        .map_err(|e| io_err("SO_REUSEPORT", e))?;
+    if addr.is_ipv6() {
+        // A [::] group must not also swallow IPv4: list 0.0.0.0 separately for that.
+        socket
+            .set_only_v6(true)
+            .map_err(|e| io_err("IPV6_V6ONLY", e))?;
+    }
+    socket
+        .bind(&addr.into())
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => SocketGroupError::HeldWithoutReuseport {
+                addr: asked,
+                holder: proc_net::describe_holders(addr),
+            },
+            Some(libc::EACCES) => SocketGroupError::PermissionDenied { addr: asked },
+            Some(libc::EADDRNOTAVAIL) => SocketGroupError::NotLocal { addr: asked },
+            _ => io_err("bind", e),
+        })?;
+    Ok(socket)
 }
 
 /// The accept-queue length of a listening socket: `tcpi_unacked` of `TCP_INFO` is the number

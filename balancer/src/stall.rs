@@ -8,8 +8,9 @@
 //! twice as long the next time.
 use std::time::{Duration, Instant};
 
-/// Longest probe hold-off.
-const MAX_HOLD: Duration = Duration::from_secs(10);
+/// Longest probe hold-off: how long a worker that resumed may wait, at worst, to be trusted
+/// with new connections again.
+const MAX_HOLD: Duration = Duration::from_secs(5);
 
 /// Settings.
 #[derive(Clone, Copy, Debug)]
@@ -31,7 +32,8 @@ pub enum Transition {
         /// Queue depth at detection.
         depth: u32,
     },
-    /// Still stalled, and connections queued again since the last evacuation.
+    /// Still stalled with connections queued, a stall timeout after the last evacuation
+    /// attempt (stragglers, or an attempt that was skipped or failed): evacuate again.
     Evacuate,
     /// The slot drained: put it back.
     Rejoined {
@@ -47,6 +49,8 @@ struct Stalled {
     since: Instant,
     depth: u32,
     evacuated_at: Option<Instant>,
+    /// When evacuation was last due (the stall itself counts as the first time).
+    tried_at: Instant,
     killed: bool,
 }
 
@@ -93,6 +97,7 @@ impl StallWatch {
                             since: now,
                             depth,
                             evacuated_at: None,
+                            tried_at: now,
                             killed: false,
                         });
                         self.window = None;
@@ -119,11 +124,8 @@ impl StallWatch {
                     self.last_rejoin = Some(now);
                     return Transition::Rejoined { after };
                 }
-                if depth > 0
-                    && st
-                        .evacuated_at
-                        .is_some_and(|at| now.duration_since(at) >= cfg.timeout)
-                {
+                if depth > 0 && now.duration_since(st.tried_at) >= cfg.timeout {
+                    st.tried_at = now;
                     return Transition::Evacuate;
                 }
                 Transition::None
@@ -135,6 +137,7 @@ impl StallWatch {
     pub fn evacuated(&mut self, now: Instant) {
         if let Some(st) = &mut self.stalled {
             st.evacuated_at = Some(now);
+            st.tried_at = now;
         }
     }
 
@@ -245,7 +248,10 @@ mod tests {
         let mut w = StallWatch::default();
         w.observe(5, t0, true, &CFG);
         w.observe(5, at(t0, 300), true, &CFG);
-        assert_eq!(w.observe(5, at(t0, 2000), true, &CFG), Transition::None);
+        // Evacuation is asked for again (a caller with evacuation off ignores it); the slot
+        // stays out until its queue drains.
+        assert_eq!(w.observe(5, at(t0, 2000), true, &CFG), Transition::Evacuate);
+        assert!(w.is_stalled());
         assert_eq!(
             w.observe(0, at(t0, 2100), true, &CFG),
             Transition::Rejoined {
@@ -296,6 +302,22 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_evacuation_is_tried_again() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::default();
+        w.observe(5, t0, true, &CFG);
+        assert_eq!(
+            w.observe(5, at(t0, 300), true, &CFG),
+            Transition::Stalled { depth: 5 }
+        );
+        // The caller could not evacuate (no other slot was live): no evacuated() call.
+        assert_eq!(w.observe(5, at(t0, 500), true, &CFG), Transition::None);
+        assert_eq!(w.observe(5, at(t0, 600), true, &CFG), Transition::Evacuate);
+        assert_eq!(w.observe(5, at(t0, 700), true, &CFG), Transition::None);
+        assert_eq!(w.observe(5, at(t0, 900), true, &CFG), Transition::Evacuate);
+    }
+
+    #[test]
     fn kill_after_fires_once() {
         let cfg = StallConfig {
             kill_after: Some(Duration::from_millis(500)),
@@ -305,7 +327,7 @@ mod tests {
         let mut w = StallWatch::default();
         w.observe(5, t0, true, &cfg);
         w.observe(5, at(t0, 300), true, &cfg);
-        assert_eq!(w.observe(5, at(t0, 700), true, &cfg), Transition::None);
+        assert_eq!(w.observe(5, at(t0, 700), true, &cfg), Transition::Evacuate);
         assert_eq!(w.observe(5, at(t0, 800), true, &cfg), Transition::Kill);
         assert_eq!(w.observe(5, at(t0, 900), true, &cfg), Transition::None);
     }

@@ -34,7 +34,7 @@ use crate::{
         server::Command,
     },
     notify::{Notification, NotifySocket},
-    policy::{build_tables, describe, weights_void, CpuLayout},
+    policy::{build_tables, cpu_overflow, describe, weights_void, CpuLayout},
     report::{self, SlotView},
     socket_group::SocketGroup,
     stall::{StallConfig, StallWatch, Transition},
@@ -172,10 +172,13 @@ enum Operation {
     ScaleUp {
         waiting: Vec<u32>,
         target: u32,
+        /// What the reply adds (weights reset, cpu-policy warning).
+        note: String,
         reply: oneshot::Sender<Outcome>,
     },
     ScaleDown {
         target: u32,
+        note: String,
         reply: oneshot::Sender<Outcome>,
     },
 }
@@ -290,7 +293,10 @@ impl Supervisor {
                 error!("slot {slot}: cannot start a worker: {e}");
                 match role {
                     Role::Successor => self.restart_failed(slot, &format!("cannot start ({e})")),
-                    _ => self.after_exit(slot, Duration::ZERO),
+                    _ => {
+                        self.scale_up_failed(slot, &format!("its worker cannot start ({e})"));
+                        self.after_exit(slot, Duration::ZERO);
+                    }
                 }
                 return;
             }
@@ -327,7 +333,18 @@ impl Supervisor {
 
     fn cpu_set(&self, slot: u32) -> Option<CpuSet> {
         let mut set = CpuSet::new();
-        for cpu in self.config.layout.pinned_cpus(slot, self.slot_count()) {
+        let pinned = self.config.layout.pinned_cpus(slot, self.slot_count());
+        if let Ok(now) = CpuLayout::detect() {
+            let offline: Vec<u32> = pinned
+                .iter()
+                .copied()
+                .filter(|c| !now.online().contains(c))
+                .collect();
+            if !offline.is_empty() {
+                warn!("slot {slot}: its CPU(s) {offline:?} are offline; the worker runs unpinned where pinning fails");
+            }
+        }
+        for cpu in pinned {
             if let Err(e) = set.set(cpu as usize) {
                 warn!("slot {slot}: cannot pin to CPU {cpu}: {e}");
                 return None;
@@ -798,6 +815,13 @@ impl Supervisor {
             )),
             took.as_micros()
         );
+        let text = match (policy, cpu_overflow(&self.config.layout, self.slot_count())) {
+            (PolicyName::Cpu, Some(warning)) => {
+                warn!("{warning}");
+                format!("{text}; warning: {warning}")
+            }
+            _ => text,
+        };
         info!("{text}");
         Ok(Reply::Done { message: text })
     }
@@ -974,9 +998,27 @@ impl Supervisor {
             }));
             return Ok(());
         }
+        if target < n && !self.slots[..target as usize].iter().any(Slot::live) {
+            return Err((
+                ErrorReply::new(
+                    ErrorKind::Invalid,
+                    format!("scaling to {target} would leave no slot taking new connections (slots 0..{} are drained or down): undrain them or wait for their workers first", target - 1),
+                ),
+                reply,
+            ));
+        }
+        let mut notes = Vec::new();
         if self.weights.take().is_some() {
             warn!("scaling resets the hash weights to equal shares");
+            notes.push("hash weights reset to equal shares".to_owned());
         }
+        if self.config.policy == PolicyKind::Cpu {
+            if let Some(warning) = cpu_overflow(&self.config.layout, target) {
+                warn!("{warning}");
+                notes.push(format!("warning: {warning}"));
+            }
+        }
+        let note: String = notes.iter().map(|n| format!("; {n}")).collect();
         if target > n {
             if let Err(e) = self.group.grow(target) {
                 self.group.truncate(n);
@@ -998,6 +1040,7 @@ impl Supervisor {
             self.op = Some(Operation::ScaleUp {
                 waiting: (n..target).collect(),
                 target,
+                note,
                 reply,
             });
             for slot in n..target {
@@ -1027,7 +1070,11 @@ impl Supervisor {
                     self.retire(slot, w);
                 }
             }
-            self.op = Some(Operation::ScaleDown { target, reply });
+            self.op = Some(Operation::ScaleDown {
+                target,
+                note,
+                reply,
+            });
             self.finish_scale_down().await;
         }
         Ok(())
@@ -1039,9 +1086,15 @@ impl Supervisor {
         };
         waiting.retain(|s| *s != slot);
         if waiting.is_empty() {
-            if let Some(Operation::ScaleUp { target, reply, .. }) = self.op.take() {
+            if let Some(Operation::ScaleUp {
+                target,
+                note,
+                reply,
+                ..
+            }) = self.op.take()
+            {
                 let message = format!(
-                    "scaled to {target} workers; every new slot is ready and in the tables"
+                    "scaled to {target} workers; every new slot is ready and in the tables{note}"
                 );
                 info!("{message}");
                 let _ = reply.send(Ok(Reply::Done { message }));
@@ -1082,9 +1135,9 @@ impl Supervisor {
         self.slots.truncate(target as usize);
         self.publish().await;
         let moved = self.migrated_total().saturating_sub(before);
-        if let Some(Operation::ScaleDown { reply, .. }) = self.op.take() {
+        if let Some(Operation::ScaleDown { reply, note, .. }) = self.op.take() {
             let message = format!(
-                "scaled {n} -> {target} workers; {moved} queued connection(s) moved to live slots"
+                "scaled {n} -> {target} workers; {moved} queued connection(s) moved to live slots{note}"
             );
             info!("{message}");
             let _ = reply.send(Ok(Reply::Done { message }));

@@ -340,9 +340,19 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, ErrorReply> {
     serde_json::from_value(request.clone()).map_err(|e| {
         ErrorReply::new(
             ErrorKind::UnknownRequest,
-            format!("unknown or invalid request {request}: {e}"),
+            // serde's message quotes the input too: clip the whole text.
+            clip(&format!("unknown or invalid request {request}: {e}"), 400),
         )
     })
+}
+
+/// At most `max` characters of `s`, so that an echo of the client's input cannot push a reply
+/// over the frame limit.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 /// Encodes a reply frame's payload.
@@ -435,6 +445,17 @@ mod tests {
             decode_request(br#"{"version":1,"request":{"type":"drain","slot":2}}"#).unwrap(),
             Request::Drain { slot: 2 }
         );
+    }
+
+    #[test]
+    fn a_huge_unknown_request_gets_a_reply_that_fits_a_frame() {
+        let big = format!(
+            r#"{{"version":1,"request":{{"type":"{}"}}}}"#,
+            "x".repeat(MAX_FRAME - 100)
+        );
+        let e = decode_request(big.as_bytes()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnknownRequest);
+        assert!(encode_reply(&Err(e)).len() < 1024);
     }
 
     #[test]
