@@ -196,12 +196,19 @@ fn plan_text(p: &Plan) -> String {
     )
 }
 
-/// One worker SIGSTOPped in the middle of an open-loop run.
+/// One worker SIGSTOPped in the middle of an open-loop run. The client runs on the stopped
+/// worker's CPU, so that the arms that steer by CPU (3, and balancer cpu) all face the worst
+/// case, and the outcome does not depend on where the scheduler put the client.
 fn stopped_worker(arm: Arm, ctx: &Context, plan: &Plan) -> Result<Scenario> {
     let server = Server::start(arm, ctx, false)?;
     let addr = server.addr;
     let (rate, load) = (plan.stall_rate, plan.stall_load);
-    let client = thread::spawn(move || open_loop(addr, rate, load, Duration::from_secs(3)));
+    let cpus = online_cpus();
+    let victim_cpu = cpus[1 % cpus.len()];
+    let client = thread::spawn(move || {
+        balancer_bench::client::pin_thread(victim_cpu);
+        open_loop(addr, rate, load, Duration::from_secs(3))
+    });
     thread::sleep((plan.stall_load - plan.stall_stop) / 2);
     server.signal_worker(1 % ctx.workers, libc::SIGSTOP)?;
     thread::sleep(plan.stall_stop);

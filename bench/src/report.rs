@@ -303,7 +303,7 @@ workers pinned to their CPU; 4–6, balancer with each policy (`cpu` with `--pin
 the program cost column). Locality: the share of connections answered on the CPU that \
 received them. CV and max/min: the spread of connections over workers. Program cost: \
 `run_time_ns / run_cnt` from the kernel's BPF statistics, in a separate pass, minus arm 7.\n\n\
-Scenarios: *stopped worker*, an open-loop client while one worker is `SIGSTOP`ped; *killed \
+Scenarios: *stopped worker*, an open-loop client, on the stopped worker's CPU, while one worker is `SIGSTOP`ped; *killed \
 workers*, one worker `SIGKILL`ed after another under closed-loop load (arms 1–3 and 7 restart \
 theirs at once like a pre-fork master; in arms 2, 3 and 7 the killed worker's socket closes \
 with it, so what was queued on it is reset); *policy switches*, balancer's policy changed \
