@@ -161,13 +161,19 @@ fn a_crash_loop_is_backed_off() {
     assert!(status.success());
 }
 
-#[test]
-fn sigterm_stops_every_worker_and_exits_zero() {
-    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+/// The pids of the workers answering (200 connections by hash reach all `n` of them).
+fn serving_pids(b: &Balancer, n: usize) -> Vec<u32> {
     let mut pids: Vec<u32> = (0..200).map(|_| get(b.addrs[0]).unwrap().pid).collect();
     pids.sort_unstable();
     pids.dedup();
-    assert_eq!(pids.len(), 2);
+    assert_eq!(pids.len(), n, "every worker answers");
+    pids
+}
+
+#[test]
+fn sigterm_stops_every_worker_and_exits_zero() {
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    let pids = serving_pids(&b, 2);
     let (status, rows) = b.stop();
     assert!(status.success(), "{status}");
     assert!(rows.iter().all(|r| r.state == "stopped"), "{rows:?}");
@@ -182,10 +188,7 @@ fn sigterm_stops_every_worker_and_exits_zero() {
 #[test]
 fn no_worker_outlives_a_killed_controller() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
-    let mut pids: Vec<u32> = (0..200).map(|_| get(b.addrs[0]).unwrap().pid).collect();
-    pids.sort_unstable();
-    pids.dedup();
-    assert_eq!(pids.len(), 2);
+    let pids = serving_pids(&b, 2);
     b.kill();
     for pid in pids {
         assert!(
