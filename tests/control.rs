@@ -686,3 +686,54 @@ fn a_second_controller_on_the_same_control_socket_is_refused() {
         f.stderr
     );
 }
+
+/// A migration burst runs on the closing thread's CPU: the program spreads it by flow hash
+/// over the live slots instead of following the cpu policy to one slot.
+#[test]
+fn scale_down_spreads_migrated_connections_over_the_live_slots() {
+    let cpus = online_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test needs 2 CPUs (the machine kind has 2)"
+    );
+    let bin = balancer_bin();
+    // 4 slots on 2 CPUs: CPU 0's connections go to slots 0 and 2; slot 2 is removed.
+    let b = Balancer::start(&[
+        "--workers",
+        "4",
+        "--policy",
+        "cpu",
+        "--spill-depth",
+        "0",
+        "--",
+        bin.to_str().unwrap(),
+        "demo-worker",
+        "--accept-delay",
+        "20ms",
+    ]);
+    let addr = b.addrs[0];
+    let cpu0 = cpus[0];
+    let conns = thread::spawn(move || {
+        pin_thread(cpu0);
+        (0..200)
+            .map(|i| send_request(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let out = ok(&b.cli(&["workers", "scale", "2"])).to_owned();
+    for (i, s) in conns.into_iter().enumerate() {
+        read_answer(s).unwrap_or_else(|e| panic!("connection {i} lost: {e}"));
+    }
+    let status = b.status();
+    let migrated: Vec<u64> = status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["migrated"].as_u64().unwrap())
+        .collect();
+    assert!(
+        migrated.iter().all(|m| *m > 0),
+        "both live slots took part of the migrated queue: {migrated:?} ({out})"
+    );
+}

@@ -254,3 +254,33 @@ fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
     assert_eq!(rows[0].state, "stopped");
     assert!(!log_before.contains("SIGKILL"));
 }
+
+/// An upgrade replaces the balancer binary under a running controller: respawns must still
+/// work (the trampoline and the demo worker come from /proc/self/exe, not the path).
+#[test]
+fn workers_respawn_after_the_binary_was_replaced_on_disk() {
+    let dir = balancer_tests::unique_path("upgrade");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("balancer");
+    std::fs::copy(balancer_bin(), &copy).unwrap();
+    let mut b = Balancer::start_binary(&copy, &["--workers", "2", "--policy", "hash"]);
+    b.wait_line(|l| l.starts_with("ready:"), balancer_tests::START_TIMEOUT)
+        .expect("ready");
+    let before = serving_pids(&b, 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+    kill(before[0], libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = serving_pids(&b, 2);
+        if !now.contains(&before[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no respawn after the binary was removed:\n{}",
+            b.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!b.stderr().contains("cannot start"), "{}", b.stderr());
+}

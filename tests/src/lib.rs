@@ -142,6 +142,11 @@ impl Balancer {
     /// Starts `balancer run ARGS` and waits only for its listening lines. Without a `--listen`,
     /// it listens on a free port of 127.0.0.1 (never the default 8080: tests run in parallel).
     pub fn start_unready(args: &[&str]) -> Self {
+        Self::start_binary(&balancer_bin(), args)
+    }
+
+    /// Like [`Balancer::start_unready`], with another copy of the binary.
+    pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
         require_root();
         let control = unique_path("control.sock");
         let own = args.iter().position(|a| *a == "--").unwrap_or(args.len());
@@ -150,7 +155,7 @@ impl Balancer {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
-        let mut child = Command::new(balancer_bin())
+        let mut child = Command::new(binary)
             .arg("run")
             .arg("--control")
             .arg(&control)
