@@ -365,6 +365,63 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
     );
 }
 
+/// A scale-up whose new worker dies before it is ready fails with the reason, and the
+/// controller is free for the next command (no operation left pending).
+#[test]
+fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
+    let flag = unique_path("refuse.flag");
+    let script = unique_path("worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then echo 'refusing to start' >&2; exit 3; fi\nexec '{}' demo-worker\n",
+            flag.display(),
+            balancer_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let b = Balancer::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+        "--",
+        script.to_str().unwrap(),
+    ]);
+    let before = pids(&b.status());
+    std::fs::write(&flag, "").unwrap();
+    let f = b.cli(&["workers", "scale", "3"]);
+    assert!(!f.status.success(), "the scale-up must fail: {}", f.stdout);
+    assert!(
+        f.stderr.contains("slot 2 is not ready") && f.stderr.contains("exited with status 3"),
+        "{}",
+        f.stderr
+    );
+    // The failing slot is out of the tables: every connection still reaches the old workers.
+    for _ in 0..200 {
+        let a = get(b.addrs[0]).unwrap();
+        assert!(before.contains(&u64::from(a.pid)), "{a:?}");
+    }
+    let out = ok(&b.cli(&["workers", "scale", "2"])).to_owned();
+    assert!(out.contains("scaled 3 -> 2 workers"), "{out}");
+    let after = b.status();
+    assert_eq!(pids(&after), before);
+    assert!(
+        after["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "ready"),
+        "{after}"
+    );
+    let (status, rows) = b.stop();
+    assert!(status.success());
+    assert!(rows.iter().all(|r| r.select_errors == 0), "{rows:?}");
+    let _ = std::fs::remove_file(&flag);
+    let _ = std::fs::remove_file(&script);
+}
+
 #[test]
 fn scale_up_new_slots_take_traffic_once_ready() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
