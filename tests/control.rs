@@ -12,9 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use balancer_common::{maps, PROGRAM_SELECT};
 use balancer_tests::{
-    alive, balancer_bin, get, online_cpus, pin_thread, read_answer, run_to_end, scratch_dir,
-    send_request, unique_path, Answer, Balancer, IO_TIMEOUT,
+    alive, balancer_bin, get, online_cpus, pin_thread, pinned_dir, read_answer, run_to_end,
+    scratch_dir, send_request, unique_path, Answer, Balancer, BpfFs, IO_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -688,24 +689,17 @@ fn metrics_are_served_in_prometheus_text_format() {
 
 #[test]
 fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
-    let mnt = unique_path("bpffs");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
-    // SAFETY: mount(2) with valid C strings; the test owns this private mount point.
-    let r = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "mount bpffs: {}", std::io::Error::last_os_error());
-    let dir = mnt.join("group");
+    let bpffs = BpfFs::mount();
+    let dir = bpffs.path().join("group");
     let b = Balancer::start(&["--workers", "2", "--bpffs-dir", dir.to_str().unwrap()]);
-    let addr_dir = dir.join(format!("127_0_0_1_{}", b.addrs[0].port()));
-    for name in ["select_socket", "SOCKETS", "CONFIG", "TABLES", "COUNTERS"] {
+    let addr_dir = pinned_dir(&dir, b.addrs[0]);
+    for name in [
+        PROGRAM_SELECT,
+        maps::SOCKETS,
+        maps::CONFIG,
+        maps::TABLES,
+        maps::COUNTERS,
+    ] {
         assert!(
             addr_dir.join(name).exists(),
             "{name} pinned under {}",
@@ -715,9 +709,6 @@ fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
     let (status, _) = b.stop();
     assert!(status.success());
     assert!(!dir.exists(), "unpinned on a clean exit");
-    // SAFETY: unmounting what this test mounted.
-    unsafe { libc::umount(c.as_ptr()) };
-    let _ = std::fs::remove_dir(&mnt);
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Steering against the real kernel: the cpu and hash policies, IPv6, several addresses.
 use std::{collections::HashMap, thread};
 
-use balancer_tests::{get, online_cpus, pin_thread, Answer, Balancer};
+use aya::maps::{Map, MapData, ReusePortSockArray};
+use balancer_common::maps;
+use balancer_tests::{get, online_cpus, pin_thread, pinned_dir, Answer, Balancer, BpfFs};
 
 const PER_CPU: usize = 200;
 
@@ -148,4 +150,54 @@ fn ipv6_and_two_listen_addresses_share_the_slots() {
             assert_eq!(r.select_errors, 0);
         }
     }
+}
+
+/// When the program's first choice cannot be selected (here its socket is taken out of the
+/// socket array behind the controller's back), the program picks another live slot itself and
+/// counts it. Left to the kernel's hash, the connection could land on the unselectable slot's
+/// socket, which is still in the reuseport group.
+#[test]
+fn an_unselectable_first_choice_falls_back_to_a_live_slot() {
+    const CONNECTIONS: usize = 400;
+    let bpffs = BpfFs::mount();
+    let dir = bpffs.path().join("group");
+    let b = Balancer::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+        "--bpffs-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let pinned = pinned_dir(&dir, b.addrs[0]).join(maps::SOCKETS);
+    let map = Map::from_map_data(MapData::from_pin(&pinned).unwrap()).unwrap();
+    let mut sockets: ReusePortSockArray<MapData> = map.try_into().unwrap();
+    sockets.clear_index(&0).unwrap();
+
+    let answers: Vec<Answer> = (0..CONNECTIONS)
+        .map(|i| get(b.addrs[0]).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    assert!(
+        answers.iter().all(|a| a.slot == 1),
+        "every connection reaches the live slot: {:?}",
+        answers.iter().filter(|a| a.slot != 1).collect::<Vec<_>>()
+    );
+    let log = b.stderr();
+    let (status, rows) = b.stop();
+    assert!(status.success());
+    let (slot0, slot1) = (&rows[0], &rows[1]);
+    // About half the flows hash to slot 0: each is a failed first choice, then a fallback.
+    assert!(slot0.select_errors > (CONNECTIONS / 4) as u64, "{rows:?}");
+    assert_eq!(slot0.selected(), 0, "{rows:?}");
+    assert_eq!(slot1.fallback, slot0.select_errors, "{rows:?}");
+    assert_eq!(slot1.selected(), CONNECTIONS as u64, "{rows:?}");
+    assert_eq!(slot1.select_errors, 0, "{rows:?}");
+    assert!(
+        log.contains("slot 0 could not be selected"),
+        "the program says so in the log:\n{log}"
+    );
+    println!(
+        "slot 0 unselectable: {} first choices failed, all {} fell back to slot 1",
+        slot0.select_errors, slot1.fallback
+    );
 }
