@@ -423,6 +423,117 @@ fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
     let _ = std::fs::remove_file(&script);
 }
 
+/// `0-2,5` → [0, 1, 2, 5].
+fn cpu_list(text: &str) -> Vec<u32> {
+    text.trim()
+        .split(',')
+        .flat_map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()
+        })
+        .collect()
+}
+
+/// The CPUs allowed to every thread of every process in process group `pgid`, by thread id.
+fn group_affinity(pgid: u64) -> Vec<(u32, Vec<u32>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let pgrp: Option<u64> = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(2)
+            .and_then(|f| f.parse().ok());
+        if pgrp != Some(pgid) {
+            continue;
+        }
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let tid: u32 = t.file_name().to_string_lossy().parse().unwrap();
+            let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+                continue;
+            };
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap();
+            out.push((tid, cpu_list(list)));
+        }
+    }
+    out
+}
+
+/// Asserts that every thread of the worker's process group, its forked child included, may
+/// run exactly on `cpus`.
+fn assert_pinned(pgid: u64, cpus: &[u32], when: &str) {
+    let threads = group_affinity(pgid);
+    // The worker's own threads plus the `sleep` it forked.
+    assert!(threads.len() >= 2, "{when}: {threads:?}");
+    assert!(
+        threads.iter().all(|(_, allowed)| allowed == cpus),
+        "{when}: every thread of worker {pgid} on {cpus:?}: {threads:?}"
+    );
+}
+
+/// With `--pin-workers`, a scale changes which CPUs' connections each slot gets: the running
+/// workers (every thread, and the processes they forked) move with it.
+#[test]
+fn a_scale_repins_the_running_workers_and_their_children() {
+    let cpus = online_cpus();
+    assert!(cpus.len() >= 2, "this test needs two online CPUs: {cpus:?}");
+    let bin = balancer_bin();
+    let n = cpus.len().to_string();
+    let b = Balancer::start(&[
+        "--workers",
+        &n,
+        "--policy",
+        "cpu",
+        "--pin-workers",
+        "--",
+        "sh",
+        "-c",
+        "sleep 600 & exec \"$0\" demo-worker",
+        bin.to_str().unwrap(),
+    ]);
+    let slot0 = pids(&b.status())[0];
+    assert_pinned(slot0, &cpus[..1], "one worker per CPU");
+
+    ok(&b.cli(&["workers", "scale", "1"]));
+    let status = b.status();
+    assert_eq!(pids(&status), vec![slot0], "the same worker stays");
+    assert_eq!(
+        status["slots"][0]["cpus"],
+        serde_json::json!(cpus),
+        "{status}"
+    );
+    assert_pinned(slot0, &cpus, "after scaling to one worker");
+    // Every CPU's connections now reach it.
+    let addr = b.addrs[0];
+    for &cpu in &cpus {
+        let a = thread::spawn(move || {
+            pin_thread(cpu);
+            get(addr).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!((u64::from(a.pid), a.cpu), (slot0, cpu));
+    }
+
+    ok(&b.cli(&["workers", "scale", &n]));
+    let after = pids(&b.status());
+    assert_eq!(after[0], slot0);
+    assert_pinned(slot0, &cpus[..1], "after scaling back");
+    assert_pinned(after[1], &cpus[1..2], "a new slot's worker");
+    let (status, _) = b.stop();
+    assert!(status.success());
+}
+
 #[test]
 fn scale_up_new_slots_take_traffic_once_ready() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);

@@ -167,6 +167,57 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
     cmd.spawn()
 }
 
+/// Moves every thread of every process in the process group `pgid` (a worker and whatever it
+/// forked since) onto `cpus`. Returns how many threads were moved. A thread that exits
+/// meanwhile is skipped; a process forked by a thread not yet moved may keep the old set.
+pub fn repin_process_group(pgid: u32, cpus: &CpuSet) -> io::Result<usize> {
+    let mut moved = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if process_group(pid) != Some(pgid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus) {
+                Ok(()) => moved += 1,
+                Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// The process group of `pid`, from `/proc/PID/stat` (None once it is gone).
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_pgrp(&stat)
+}
+
+/// The `pgrp` field of a `/proc/PID/stat` line. The command name before it is in parentheses
+/// and may itself contain spaces and parentheses, so fields are counted from the last `)`.
+fn parse_pgrp(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // state, ppid, pgrp
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process and execs the worker.
 /// Returns only on failure, with the error to report.
 pub fn exec_worker(command: &[OsString]) -> io::Error {
@@ -190,6 +241,23 @@ pub fn fd_names(addresses: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pgrp_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        assert_eq!(
+            parse_pgrp("4242 (my (odd) worker) S 1 4240 4240 0 -1 4194560 0"),
+            Some(4240)
+        );
+        assert_eq!(parse_pgrp("1 (init) S 0 1 1"), Some(1));
+        assert_eq!(parse_pgrp("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_group_is_found() {
+        // SAFETY: no preconditions.
+        let pgrp = unsafe { libc::getpgrp() } as u32;
+        assert_eq!(process_group(std::process::id()), Some(pgrp));
+    }
 
     #[test]
     fn resolves_programs_like_execvp() {

@@ -230,7 +230,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub backlog: u32,
 
-    /// Pin worker i to the CPU(s) whose connections the cpu policy sends to slot i.
+    /// Pin worker i to the CPU(s) whose connections the cpu policy sends to slot i. A scale
+    /// re-pins the running workers (all their threads and child processes) to the new layout.
     #[arg(long)]
     pub pin_workers: bool,
 

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context;
 use balancer_common::{PolicyKind, MAX_SLOTS};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use nix::{
     sched::CpuSet,
     sys::signal::{killpg, Signal},
@@ -329,6 +329,31 @@ impl Supervisor {
             self.config.ready_timeout,
             Event::ReadyTimeout { generation },
         );
+    }
+
+    /// With `--pin-workers`, moves the running workers of slots `0..upto` onto the CPUs the
+    /// new slot count gives them (a scale changes which CPUs each slot's connections come from).
+    fn repin_workers(&self, upto: u32) {
+        if !self.config.pin_workers {
+            return;
+        }
+        for slot in 0..upto {
+            let Some(set) = self.cpu_set(slot) else {
+                continue;
+            };
+            let cpus = self.config.layout.pinned_cpus(slot, self.slot_count());
+            for w in self.slots[slot as usize].workers() {
+                match activation::repin_process_group(w.pid, &set) {
+                    Ok(threads) => {
+                        debug!("slot {slot}: worker pid {w_pid} ({threads} thread(s)) pinned to CPU(s) {cpus:?}", w_pid = w.pid)
+                    }
+                    Err(e) => warn!(
+                        "slot {slot}: cannot re-pin worker pid {} to CPU(s) {cpus:?}: {e}",
+                        w.pid
+                    ),
+                }
+            }
+        }
     }
 
     fn cpu_set(&self, slot: u32) -> Option<CpuSet> {
@@ -1033,6 +1058,7 @@ impl Supervisor {
                 return Err((ErrorReply::new(ErrorKind::Failed, e.to_string()), reply));
             }
             self.slots.extend((n..target).map(|_| Slot::default()));
+            self.repin_workers(n);
             info!(
                 "scaling {n} -> {target}: starting slots {n}..{}",
                 target - 1
@@ -1133,6 +1159,7 @@ impl Supervisor {
         self.group.truncate(target);
         self.steering.remove_slots(target);
         self.slots.truncate(target as usize);
+        self.repin_workers(target);
         self.publish().await;
         let moved = self.migrated_total().saturating_sub(before);
         if let Some(Operation::ScaleDown { reply, note, .. }) = self.op.take() {
