@@ -6,6 +6,7 @@
 //! execs this binary's hidden `__exec-worker` command, which is single-threaded, sets
 //! `LISTEN_PID` to its pid, and execs the real worker in the same process.
 use std::{
+    collections::HashMap,
     env,
     ffi::{OsStr, OsString},
     io,
@@ -167,11 +168,10 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
     cmd.spawn()
 }
 
-/// Moves every thread of every process in the process group `pgid` (a worker and whatever it
-/// forked since) onto `cpus`. Returns how many threads were moved. A thread that exits
-/// meanwhile is skipped; a process forked by a thread not yet moved may keep the old set.
-pub fn repin_process_group(pgid: u32, cpus: &CpuSet) -> io::Result<usize> {
-    let mut moved = 0;
+/// Every process by process group, read from `/proc` in one pass (a worker's group is the
+/// worker and whatever it forked since).
+pub fn process_groups() -> io::Result<HashMap<u32, Vec<u32>>> {
+    let mut groups: HashMap<u32, Vec<u32>> = HashMap::new();
     for entry in std::fs::read_dir("/proc")? {
         let Some(pid) = entry?
             .file_name()
@@ -180,9 +180,19 @@ pub fn repin_process_group(pgid: u32, cpus: &CpuSet) -> io::Result<usize> {
         else {
             continue;
         };
-        if process_group(pid) != Some(pgid) {
-            continue;
+        if let Some(pgrp) = process_group(pid) {
+            groups.entry(pgrp).or_default().push(pid);
         }
+    }
+    Ok(groups)
+}
+
+/// Moves every thread of the processes `pids` onto `cpus`; returns how many threads moved. A
+/// thread that exits meanwhile is skipped; a process forked by a thread not yet moved may keep
+/// the old set.
+pub fn repin_processes(pids: &[u32], cpus: &CpuSet) -> io::Result<usize> {
+    let mut moved = 0;
+    for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
@@ -253,10 +263,12 @@ mod tests {
     }
 
     #[test]
-    fn this_process_group_is_found() {
+    fn this_process_is_found_in_its_group() {
         // SAFETY: no preconditions.
         let pgrp = unsafe { libc::getpgrp() } as u32;
         assert_eq!(process_group(std::process::id()), Some(pgrp));
+        let groups = process_groups().unwrap();
+        assert!(groups[&pgrp].contains(&std::process::id()), "{groups:?}");
     }
 
     #[test]

@@ -337,16 +337,25 @@ impl Supervisor {
         if !self.config.pin_workers {
             return;
         }
+        let groups = match activation::process_groups() {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("cannot re-pin the workers after the scale: reading /proc: {e}");
+                return;
+            }
+        };
         for slot in 0..upto {
             let Some(set) = self.cpu_set(slot) else {
                 continue;
             };
             let cpus = self.config.layout.pinned_cpus(slot, self.slot_count());
             for w in self.slots[slot as usize].workers() {
-                match activation::repin_process_group(w.pid, &set) {
-                    Ok(threads) => {
-                        debug!("slot {slot}: worker pid {w_pid} ({threads} thread(s)) pinned to CPU(s) {cpus:?}", w_pid = w.pid)
-                    }
+                let pids = groups.get(&w.pid).map_or(&[][..], Vec::as_slice);
+                match activation::repin_processes(pids, &set) {
+                    Ok(threads) => debug!(
+                        "slot {slot}: worker pid {} ({threads} thread(s)) pinned to CPU(s) {cpus:?}",
+                        w.pid
+                    ),
                     Err(e) => warn!(
                         "slot {slot}: cannot re-pin worker pid {} to CPU(s) {cpus:?}: {e}",
                         w.pid
