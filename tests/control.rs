@@ -15,9 +15,12 @@ use std::{
 use balancer_common::{maps, PROGRAM_SELECT};
 use balancer_tests::{
     alive, balancer_bin, get, online_cpus, pin_thread, pinned_dir, read_answer, run_to_end,
-    scratch_dir, send_request, unique_path, Answer, Balancer, BpfFs, IO_TIMEOUT,
+    scratch_dir, send_request, unique_path, wait_gone, Answer, Balancer, BpfFs, IO_TIMEOUT,
 };
 use serde_json::Value;
+
+/// Answers each client thread gets in a phase before the test moves on.
+const PHASE_ANSWERS: u64 = 100;
 
 /// An answer with the phase the request started in and the phase it ended in.
 type Phased = (u32, u32, Answer);
@@ -27,6 +30,7 @@ type Phased = (u32, u32, Answer);
 struct Load {
     stop: Arc<AtomicBool>,
     failed: Arc<AtomicU64>,
+    answered: Vec<Arc<AtomicU64>>,
     threads: Vec<thread::JoinHandle<Vec<Phased>>>,
 }
 
@@ -34,10 +38,14 @@ impl Load {
     fn start(addr: std::net::SocketAddr, cpus: &[Option<u32>], phase: Arc<AtomicU32>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicU64::new(0));
+        let answered: Vec<Arc<AtomicU64>> =
+            cpus.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
         let threads = cpus
             .iter()
-            .map(|&cpu| {
+            .zip(&answered)
+            .map(|(&cpu, answered)| {
                 let (stop, failed, phase) = (stop.clone(), failed.clone(), phase.clone());
+                let answered = answered.clone();
                 thread::spawn(move || {
                     if let Some(cpu) = cpu {
                         pin_thread(cpu);
@@ -50,7 +58,10 @@ impl Load {
                         }
                         let before = phase.load(Ordering::SeqCst);
                         match get(addr) {
-                            Ok(a) => out.push((before, phase.load(Ordering::SeqCst), a)),
+                            Ok(a) => {
+                                out.push((before, phase.load(Ordering::SeqCst), a));
+                                answered.fetch_add(1, Ordering::SeqCst);
+                            }
                             Err(e) => {
                                 eprintln!("client: {e}");
                                 failed.fetch_add(1, Ordering::Relaxed);
@@ -65,7 +76,31 @@ impl Load {
         Self {
             stop,
             failed,
+            answered,
             threads,
+        }
+    }
+
+    /// Waits until every client thread has had `n` more answers (a phase long enough to judge,
+    /// however slow the machine). Panics after 20 s.
+    fn wait_answers(&self, n: u64) {
+        let start: Vec<u64> = self
+            .answered
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self
+            .answered
+            .iter()
+            .zip(&start)
+            .any(|(a, s)| a.load(Ordering::SeqCst) < s + n)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the clients got fewer than {n} answers each in 20 s"
+            );
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -125,7 +160,7 @@ fn policy_switches_under_load_lose_nothing_and_take_effect() {
     // moment of publication the client cannot know.
     let mut latencies = Vec::new();
     for (next, policy) in [(2, "hash"), (4, "cpu")] {
-        thread::sleep(Duration::from_millis(400));
+        load.wait_answers(PHASE_ANSWERS);
         phase.store(next - 1, Ordering::SeqCst);
         let f = b.cli(&["policy", "set", policy]);
         let out = ok(&f).to_owned();
@@ -133,7 +168,7 @@ fn policy_switches_under_load_lose_nothing_and_take_effect() {
         latencies.push(out.trim().to_owned());
         phase.store(next, Ordering::SeqCst);
     }
-    thread::sleep(Duration::from_millis(400));
+    load.wait_answers(PHASE_ANSWERS);
     let (answers, failed) = load.finish();
     assert_eq!(failed, 0, "connections failed across the policy switches");
     for (pos, per_cpu) in answers.iter().enumerate() {
@@ -218,11 +253,19 @@ fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
     let before = pids(&b.status());
     let phase = Arc::new(AtomicU32::new(0));
     let load = Load::start(b.addrs[0], &[None, None], phase.clone());
-    thread::sleep(Duration::from_millis(300));
+    load.wait_answers(PHASE_ANSWERS);
     let f = b.cli(&["workers", "restart"]);
     let out = ok(&f).to_owned();
+    // The reply comes once every new worker is ready and the old ones have SIGTERM; an old
+    // worker may still take a connection until it handles the signal.
+    for old in &before {
+        assert!(
+            wait_gone(*old as u32, Duration::from_secs(10)),
+            "old worker {old} still runs"
+        );
+    }
     phase.store(1, Ordering::SeqCst);
-    thread::sleep(Duration::from_millis(300));
+    load.wait_answers(PHASE_ANSWERS);
     let (answers, failed) = load.finish();
     assert_eq!(failed, 0, "connections failed during the rolling restart");
     let after = pids(&b.status());
@@ -300,11 +343,15 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
     const QUEUED: usize = 400;
     const DURING: usize = 200;
     let bin = balancer_bin();
+    // No stall detection: an evacuation of a busy slot would add to the migrate counters
+    // that this test compares with the scale's own count.
     let b = Balancer::start(&[
         "--workers",
         "4",
         "--policy",
         "hash",
+        "--stall-timeout",
+        "0",
         "--",
         bin.to_str().unwrap(),
         "demo-worker",

@@ -182,7 +182,10 @@ fn an_unselectable_first_choice_falls_back_to_a_live_slot() {
         "every connection reaches the live slot: {:?}",
         answers.iter().filter(|a| a.slot != 1).collect::<Vec<_>>()
     );
-    let log = b.stderr();
+    let log = b.wait_stderr(
+        |l| l.contains("slot 0 could not be selected"),
+        std::time::Duration::from_secs(5),
+    );
     let (status, rows) = b.stop();
     assert!(status.success());
     let (slot0, slot1) = (&rows[0], &rows[1]);

@@ -223,11 +223,11 @@ fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
         "demo-worker",
     ]);
     assert!(started.elapsed() >= Duration::from_millis(400));
-    assert!(
-        b.stderr().contains("no READY=1 within 400ms"),
-        "{}",
-        b.stderr()
+    let log = b.wait_stderr(
+        |l| l.contains("no READY=1 within 400ms"),
+        Duration::from_secs(5),
     );
+    assert!(log.contains("no READY=1 within 400ms"), "{log}");
     for _ in 0..20 {
         get(b.addrs[0]).expect("served by the socket-activated worker");
     }

@@ -294,6 +294,19 @@ impl Balancer {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits up to `timeout` for the controller's log (read by another thread) to satisfy
+    /// `pred`; returns the log either way.
+    pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if pred(&log) || Instant::now() >= deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for a stdout line matching `pred`; returns it.
     pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
