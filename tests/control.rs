@@ -292,8 +292,9 @@ fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
     println!("rolling restart under load: {out}");
 }
 
-#[test]
-fn a_new_worker_that_never_becomes_ready_leaves_the_old_one_serving() {
+/// Two slots under `hash` whose workers run the demo worker, or exit with status 3 before they
+/// are ready once the returned flag file exists. Returns (controller, flag, worker script).
+fn refusable_group() -> (Balancer, std::path::PathBuf, std::path::PathBuf) {
     let flag = unique_path("refuse.flag");
     let script = unique_path("worker.sh");
     std::fs::write(
@@ -314,6 +315,12 @@ fn a_new_worker_that_never_becomes_ready_leaves_the_old_one_serving() {
         "--",
         script.to_str().unwrap(),
     ]);
+    (b, flag, script)
+}
+
+#[test]
+fn a_new_worker_that_never_becomes_ready_leaves_the_old_one_serving() {
+    let (b, flag, script) = refusable_group();
     let before = pids(&b.status());
     std::fs::write(&flag, "").unwrap();
     let f = b.cli(&["workers", "restart", "--slot", "0"]);
@@ -417,26 +424,7 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
 /// controller is free for the next command (no operation left pending).
 #[test]
 fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
-    let flag = unique_path("refuse.flag");
-    let script = unique_path("worker.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then echo 'refusing to start' >&2; exit 3; fi\nexec '{}' demo-worker\n",
-            flag.display(),
-            balancer_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let b = Balancer::start(&[
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-        "--",
-        script.to_str().unwrap(),
-    ]);
+    let (b, flag, script) = refusable_group();
     let before = pids(&b.status());
     std::fs::write(&flag, "").unwrap();
     let f = b.cli(&["workers", "scale", "3"]);

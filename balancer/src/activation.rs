@@ -6,7 +6,6 @@
 //! execs this binary's hidden `__exec-worker` command, which is single-threaded, sets
 //! `LISTEN_PID` to its pid, and execs the real worker in the same process.
 use std::{
-    collections::HashMap,
     env,
     ffi::{OsStr, OsString},
     io,
@@ -19,6 +18,8 @@ use std::{
 };
 
 use nix::sched::CpuSet;
+
+use crate::procfs;
 
 /// The first inherited descriptor, by the protocol.
 pub const LISTEN_FDS_START: RawFd = 3;
@@ -168,43 +169,14 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
     cmd.spawn()
 }
 
-/// Every process by process group, read from `/proc` in one pass (a worker's group is the
-/// worker and whatever it forked since).
-pub fn process_groups() -> io::Result<HashMap<u32, Vec<u32>>> {
-    let mut groups: HashMap<u32, Vec<u32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(pgrp) = process_group(pid) {
-            groups.entry(pgrp).or_default().push(pid);
-        }
-    }
-    Ok(groups)
-}
-
 /// Moves every thread of the processes `pids` onto `cpus`; returns how many threads moved. A
 /// thread that exits meanwhile is skipped; a process forked by a thread not yet moved may keep
 /// the old set.
 pub fn repin_processes(pids: &[u32], cpus: &CpuSet) -> io::Result<usize> {
     let mut moved = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus) {
+    for &pid in pids {
+        for tid in procfs::threads(pid) {
+            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), cpus) {
                 Ok(()) => moved += 1,
                 Err(nix::errno::Errno::ESRCH) => {}
                 Err(e) => return Err(e.into()),
@@ -212,20 +184,6 @@ pub fn repin_processes(pids: &[u32], cpus: &CpuSet) -> io::Result<usize> {
         }
     }
     Ok(moved)
-}
-
-/// The process group of `pid`, from `/proc/PID/stat` (None once it is gone).
-fn process_group(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_pgrp(&stat)
-}
-
-/// The `pgrp` field of a `/proc/PID/stat` line. The command name before it is in parentheses
-/// and may itself contain spaces and parentheses, so fields are counted from the last `)`.
-fn parse_pgrp(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // state, ppid, pgrp
-    rest.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process and execs the worker.
@@ -251,25 +209,6 @@ pub fn fd_names(addresses: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pgrp_is_read_past_a_command_name_with_spaces_and_parentheses() {
-        assert_eq!(
-            parse_pgrp("4242 (my (odd) worker) S 1 4240 4240 0 -1 4194560 0"),
-            Some(4240)
-        );
-        assert_eq!(parse_pgrp("1 (init) S 0 1 1"), Some(1));
-        assert_eq!(parse_pgrp("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_is_found_in_its_group() {
-        // SAFETY: no preconditions.
-        let pgrp = unsafe { libc::getpgrp() } as u32;
-        assert_eq!(process_group(std::process::id()), Some(pgrp));
-        let groups = process_groups().unwrap();
-        assert!(groups[&pgrp].contains(&std::process::id()), "{groups:?}");
-    }
 
     #[test]
     fn resolves_programs_like_execvp() {

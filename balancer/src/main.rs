@@ -8,6 +8,7 @@ mod notify;
 mod policy;
 mod privileges;
 mod proc_net;
+mod procfs;
 mod report;
 mod socket_group;
 mod stall;

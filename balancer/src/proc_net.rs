@@ -6,6 +6,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
+use crate::procfs;
+
 const TCP_LISTEN: u8 = 0x0A;
 
 /// A listening TCP socket found in `/proc/net`.
@@ -53,25 +55,19 @@ pub fn conflicting_listeners(addr: SocketAddr) -> Vec<Listener> {
 pub fn holders(inode: u64) -> Vec<Holder> {
     let target = format!("socket:[{inode}]");
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
+    let Ok(pids) = procfs::numbered(std::path::Path::new("/proc")) else {
         return out;
     };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+    for pid in pids {
+        let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let Ok(fds) = fs::read_dir(dir.join("fd")) else {
             continue;
         };
         let holds = fds
             .flatten()
             .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()));
         if holds {
-            let comm = fs::read_to_string(entry.path().join("comm"))
+            let comm = fs::read_to_string(dir.join("comm"))
                 .map(|c| c.trim().to_owned())
                 .unwrap_or_default();
             out.push(Holder { pid, comm });

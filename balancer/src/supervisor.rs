@@ -35,6 +35,7 @@ use crate::{
     },
     notify::{Notification, NotifySocket},
     policy::{build_tables, cpu_overflow, describe, weights_void, CpuLayout},
+    procfs,
     report::{self, SlotView},
     socket_group::SocketGroup,
     stall::{StallConfig, StallWatch, Transition},
@@ -337,7 +338,7 @@ impl Supervisor {
         if !self.config.pin_workers {
             return;
         }
-        let groups = match activation::process_groups() {
+        let groups = match procfs::process_groups() {
             Ok(g) => g,
             Err(e) => {
                 warn!("cannot re-pin the workers after the scale: reading /proc: {e}");
