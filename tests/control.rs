@@ -533,7 +533,7 @@ fn a_scale_repins_the_running_workers_and_their_children() {
         "--",
         "sh",
         "-c",
-        "sleep 600 & exec \"$0\" demo-worker",
+        "sleep 30 & exec \"$0\" demo-worker",
         bin.to_str().unwrap(),
     ]);
     let slot0 = pids(&b.status())[0];

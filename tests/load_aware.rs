@@ -261,9 +261,10 @@ fn without_evacuation_only_the_connections_queued_before_detection_wait() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no stall of slot 1 in the log:\n{log}"));
     assert!(waited > 0, "the stopped worker's queue really waited");
-    // A few more can land between the sample that detects the stall and the table update.
+    // A few more can land between the sample that detects the stall and the table update
+    // (at 1000/s, 10 is 10 ms of delay there).
     assert!(
-        waited <= queued + 4,
+        waited <= queued + 10,
         "{waited} waited, {queued} queued at detection: {}",
         summary("no evacuation", &fates)
     );

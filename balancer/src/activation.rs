@@ -19,8 +19,6 @@ use std::{
 
 use nix::sched::CpuSet;
 
-use crate::procfs;
-
 /// The first inherited descriptor, by the protocol.
 pub const LISTEN_FDS_START: RawFd = 3;
 
@@ -167,23 +165,6 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
         });
     }
     cmd.spawn()
-}
-
-/// Moves every thread of the processes `pids` onto `cpus`; returns how many threads moved. A
-/// thread that exits meanwhile is skipped; a process forked by a thread not yet moved may keep
-/// the old set.
-pub fn repin_processes(pids: &[u32], cpus: &CpuSet) -> io::Result<usize> {
-    let mut moved = 0;
-    for &pid in pids {
-        for tid in procfs::threads(pid) {
-            match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), cpus) {
-                Ok(()) => moved += 1,
-                Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    Ok(moved)
 }
 
 /// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process and execs the worker.

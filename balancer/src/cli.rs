@@ -231,7 +231,8 @@ pub struct RunArgs {
     pub backlog: u32,
 
     /// Pin worker i to the CPU(s) whose connections the cpu policy sends to slot i. A scale
-    /// re-pins the running workers (all their threads and child processes) to the new layout.
+    /// moves the running workers (every thread of every process in their process group) to
+    /// the new layout.
     #[arg(long)]
     pub pin_workers: bool,
 

@@ -1,5 +1,6 @@
 //! `balancer`: the controller, its CLI and the built-in demo worker.
 mod activation;
+mod affinity;
 mod cli;
 mod control;
 mod demo_worker;

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context;
 use balancer_common::{PolicyKind, MAX_SLOTS};
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use nix::{
     sched::CpuSet,
     sys::signal::{killpg, Signal},
@@ -26,6 +26,7 @@ use tokio::{
 
 use crate::{
     activation::{self, WorkerLaunch},
+    affinity,
     control::{
         protocol::{
             ErrorKind, ErrorReply, Outcome, PolicyName, PolicyReport, Reply, Request, SlotStatus,
@@ -35,7 +36,6 @@ use crate::{
     },
     notify::{Notification, NotifySocket},
     policy::{build_tables, cpu_overflow, describe, weights_void, CpuLayout},
-    procfs,
     report::{self, SlotView},
     socket_group::SocketGroup,
     stall::{StallConfig, StallWatch, Transition},
@@ -332,43 +332,77 @@ impl Supervisor {
         );
     }
 
-    /// With `--pin-workers`, moves the running workers of slots `0..upto` onto the CPUs the
-    /// new slot count gives them (a scale changes which CPUs each slot's connections come from).
-    fn repin_workers(&self, upto: u32) {
+    /// With `--pin-workers`, after the layout went from `old` to `new` slots: moves the running
+    /// workers of the slots whose CPUs changed (a scale changes which CPUs each slot's
+    /// connections come from). Returns a note for the operator when some could not be moved.
+    async fn repin_workers(&self, old: u32, new: u32) -> Option<String> {
         if !self.config.pin_workers {
-            return;
+            return None;
         }
-        let groups = match procfs::process_groups() {
-            Ok(g) => g,
+        let layout = &self.config.layout;
+        let mut plan = Vec::new();
+        let mut who = Vec::new();
+        for slot in 0..old.min(new) {
+            let cpus = layout.pinned_cpus(slot, new);
+            if cpus == layout.pinned_cpus(slot, old) {
+                continue;
+            }
+            let set = match affinity::cpu_set(&cpus) {
+                Ok(set) => set,
+                Err(e) => {
+                    warn!("slot {slot}: cannot pin to CPU(s) {cpus:?}: {e}");
+                    continue;
+                }
+            };
+            for w in self.slots[slot as usize].workers() {
+                plan.push((w.pid, set));
+                who.push((slot, w.pid, cpus.clone()));
+            }
+        }
+        if plan.is_empty() {
+            return None;
+        }
+        // Reading /proc for every process on the host is blocking work.
+        let moved = match tokio::task::spawn_blocking(move || affinity::repin_groups(&plan)).await {
+            Ok(Ok(moved)) => moved,
+            Ok(Err(e)) => {
+                let note = format!("the workers keep their old CPUs: reading /proc: {e}");
+                warn!("{note}");
+                return Some(note);
+            }
             Err(e) => {
-                warn!("cannot re-pin the workers after the scale: reading /proc: {e}");
-                return;
+                let note = format!("the workers keep their old CPUs: the re-pin task failed: {e}");
+                warn!("{note}");
+                return Some(note);
             }
         };
-        for slot in 0..upto {
-            let Some(set) = self.cpu_set(slot) else {
-                continue;
-            };
-            let cpus = self.config.layout.pinned_cpus(slot, self.slot_count());
-            for w in self.slots[slot as usize].workers() {
-                let pids = groups.get(&w.pid).map_or(&[][..], Vec::as_slice);
-                match activation::repin_processes(pids, &set) {
-                    Ok(threads) => debug!(
-                        "slot {slot}: worker pid {} ({threads} thread(s)) pinned to CPU(s) {cpus:?}",
-                        w.pid
-                    ),
-                    Err(e) => warn!(
-                        "slot {slot}: cannot re-pin worker pid {} to CPU(s) {cpus:?}: {e}",
-                        w.pid
-                    ),
-                }
+        let mut failed = Vec::new();
+        for ((slot, pid, cpus), done) in who.iter().zip(moved) {
+            if let Some((tid, e)) = done.refused.first() {
+                warn!(
+                    "slot {slot}: worker pid {pid}: {} thread(s) (first: {tid}, {e}) stay off CPU(s) {cpus:?}; EINVAL: those CPUs are offline or outside the worker's cpuset; EPERM: the worker changed its uid",
+                    done.refused.len()
+                );
+                failed.push(*pid);
+            } else if done.threads == 0 {
+                warn!("slot {slot}: worker pid {pid}: no process of its process group found; not re-pinned to CPU(s) {cpus:?}");
+                failed.push(*pid);
+            } else {
+                info!(
+                    "slot {slot}: worker pid {pid} ({} thread(s)) re-pinned to CPU(s) {cpus:?}",
+                    done.threads
+                );
             }
         }
+        (!failed.is_empty()).then(|| {
+            format!(
+                "worker(s) {failed:?} could not be fully re-pinned to their new CPUs (see the log)"
+            )
+        })
     }
 
     fn cpu_set(&self, slot: u32) -> Option<CpuSet> {
-        let mut set = CpuSet::new();
-        let pinned = self.config.layout.pinned_cpus(slot, self.slot_count());
+        let pinned = self.config.layout.pinned_cpus(slot, self.layout_slots());
         if let Ok(now) = CpuLayout::detect() {
             let offline: Vec<u32> = pinned
                 .iter()
@@ -379,13 +413,21 @@ impl Supervisor {
                 warn!("slot {slot}: its CPU(s) {offline:?} are offline; the worker runs unpinned where pinning fails");
             }
         }
-        for cpu in pinned {
-            if let Err(e) = set.set(cpu as usize) {
-                warn!("slot {slot}: cannot pin to CPU {cpu}: {e}");
-                return None;
+        match affinity::cpu_set(&pinned) {
+            Ok(set) => Some(set),
+            Err(e) => {
+                warn!(
+                    "slot {slot}: cannot pin to CPU(s) {pinned:?}: {e}; the worker runs unpinned"
+                );
+                None
             }
         }
-        Some(set)
+    }
+
+    /// The slot count that pinning follows: every slot but those a scale-down is removing (always
+    /// the last ones), so that the survivors take over the removed slots' CPUs at once.
+    fn layout_slots(&self) -> u32 {
+        self.slots.iter().filter(|s| !s.removing).count() as u32
     }
 
     fn slot_count(&self) -> u32 {
@@ -1068,7 +1110,10 @@ impl Supervisor {
                 return Err((ErrorReply::new(ErrorKind::Failed, e.to_string()), reply));
             }
             self.slots.extend((n..target).map(|_| Slot::default()));
-            self.repin_workers(n);
+            let note = match self.repin_workers(n, target).await {
+                Some(problem) => format!("{note}; warning: {problem}"),
+                None => note,
+            };
             info!(
                 "scaling {n} -> {target}: starting slots {n}..{}",
                 target - 1
@@ -1094,6 +1139,10 @@ impl Supervisor {
             }
             // First out of the tables, so nothing new lands on the closing sockets.
             self.publish().await;
+            let note = match self.repin_workers(n, target).await {
+                Some(problem) => format!("{note}; warning: {problem}"),
+                None => note,
+            };
             for slot in target..n {
                 let s = &mut self.slots[slot as usize];
                 let workers: Vec<Worker> = s
@@ -1169,7 +1218,6 @@ impl Supervisor {
         self.group.truncate(target);
         self.steering.remove_slots(target);
         self.slots.truncate(target as usize);
-        self.repin_workers(target);
         self.publish().await;
         let moved = self.migrated_total().saturating_sub(before);
         if let Some(Operation::ScaleDown { reply, note, .. }) = self.op.take() {
@@ -1211,7 +1259,10 @@ impl Supervisor {
                     slot: i as u32,
                     pid: s.current.map(|w| w.pid),
                     state: s.state().to_owned(),
-                    cpus: self.config.layout.pinned_cpus(i as u32, self.slot_count()),
+                    cpus: self
+                        .config
+                        .layout
+                        .pinned_cpus(i as u32, self.layout_slots()),
                     restarts: s.restarts,
                     queue: self.depths.get(i).copied().unwrap_or(0),
                     steered: sum.selected(),

@@ -152,8 +152,15 @@ impl BpfFs {
 impl Drop for BpfFs {
     fn drop(&mut self) {
         if let Ok(c) = std::ffi::CString::new(self.mnt.to_str().unwrap_or_default()) {
+            // Detached: a pinned object still open somewhere must not keep the mount around.
             // SAFETY: unmounting what `mount` mounted.
-            unsafe { libc::umount(c.as_ptr()) };
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                eprintln!(
+                    "unmounting the test bpffs {}: {}",
+                    self.mnt.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
         }
         let _ = std::fs::remove_dir(&self.mnt);
     }
