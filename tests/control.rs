@@ -14,8 +14,9 @@ use std::{
 
 use balancer_common::{maps, PROGRAM_SELECT};
 use balancer_tests::{
-    alive, balancer_bin, get, online_cpus, pin_thread, pinned_dir, read_answer, run_to_end,
-    scratch_dir, send_request, unique_path, wait_gone, Answer, Balancer, BpfFs, IO_TIMEOUT,
+    alive, balancer_bin, get, online_cpus, parse_cpu_list, pin_thread, pinned_dir, read_answer,
+    run_to_end, scratch_dir, send_request, two_or_more_cpus, unique_path, wait_gone, Answer,
+    Balancer, BpfFs, IO_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -458,17 +459,6 @@ fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
     let _ = std::fs::remove_file(&script);
 }
 
-/// `0-2,5` → [0, 1, 2, 5].
-fn cpu_list(text: &str) -> Vec<u32> {
-    text.trim()
-        .split(',')
-        .flat_map(|part| {
-            let (a, b) = part.split_once('-').unwrap_or((part, part));
-            a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()
-        })
-        .collect()
-}
-
 /// The CPUs allowed to every thread of every process in process group `pgid`, by thread id.
 fn group_affinity(pgid: u64) -> Vec<(u32, Vec<u32>)> {
     let mut out = Vec::new();
@@ -498,7 +488,7 @@ fn group_affinity(pgid: u64) -> Vec<(u32, Vec<u32>)> {
                 .lines()
                 .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
                 .unwrap();
-            out.push((tid, cpu_list(list)));
+            out.push((tid, parse_cpu_list(list)));
         }
     }
     out
@@ -520,8 +510,7 @@ fn assert_pinned(pgid: u64, cpus: &[u32], when: &str) {
 /// workers (every thread, and the processes they forked) move with it.
 #[test]
 fn a_scale_repins_the_running_workers_and_their_children() {
-    let cpus = online_cpus();
-    assert!(cpus.len() >= 2, "this test needs two online CPUs: {cpus:?}");
+    let cpus = two_or_more_cpus();
     let bin = balancer_bin();
     let n = cpus.len().to_string();
     let b = Balancer::start(&[
@@ -885,11 +874,7 @@ fn a_second_controller_on_the_same_control_socket_is_refused() {
 /// over the live slots instead of following the cpu policy to one slot.
 #[test]
 fn scale_down_spreads_migrated_connections_over_the_live_slots() {
-    let cpus = online_cpus();
-    assert!(
-        cpus.len() >= 2,
-        "this test needs 2 CPUs (the machine kind has 2)"
-    );
+    let cpus = two_or_more_cpus();
     let bin = balancer_bin();
     // 4 slots on 2 CPUs: CPU 0's connections go to slots 0 and 2; slot 2 is removed.
     let b = Balancer::start(&[

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_tests::{get, online_cpus, open_loop, pin_thread, Balancer, Fate};
+use balancer_tests::{get, online_cpus, open_loop, pin_thread, two_or_more_cpus, Balancer, Fate};
 use serde_json::Value;
 
 const RATE: u32 = 1000;
@@ -214,11 +214,7 @@ fn least_loaded_routes_around_a_stopped_worker() {
 
 #[test]
 fn cpu_with_spill_routes_around_a_stopped_worker() {
-    let cpus = online_cpus();
-    assert!(
-        cpus.len() >= 2,
-        "this test needs 2 CPUs (the machine kind has 2)"
-    );
+    let cpus = two_or_more_cpus();
     // Every connection is made on the victim's CPU, so the cpu policy's first choice is
     // always the stopped worker: only spill and stall handling can save them.
     let _serial = serial();
@@ -239,11 +235,7 @@ fn cpu_with_spill_routes_around_a_stopped_worker() {
 
 #[test]
 fn without_evacuation_only_the_connections_queued_before_detection_wait() {
-    let cpus = online_cpus();
-    assert!(
-        cpus.len() >= 2,
-        "this test needs 2 CPUs (the machine kind has 2)"
-    );
+    let cpus = two_or_more_cpus();
     let _serial = serial();
     let (fates, status, log) = stopped_worker_run(
         &["--policy", "cpu", "--evacuate", "false"],

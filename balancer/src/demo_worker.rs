@@ -3,7 +3,7 @@
 use std::{
     env, io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        fd::{FromRawFd, OwnedFd, RawFd},
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixDatagram},
     },
@@ -138,23 +138,8 @@ async fn serve(mut stream: TcpStream, slot: &str, pid: u32) -> io::Result<()> {
 }
 
 /// The CPU that processed the connection's packets (`SO_INCOMING_CPU`).
-fn incoming_cpu(stream: &TcpStream) -> io::Result<u32> {
-    let mut cpu: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid fd, and optval/optlen describe a c_int.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_INCOMING_CPU,
-            (&mut cpu as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cpu as u32)
+fn incoming_cpu(stream: &TcpStream) -> io::Result<usize> {
+    socket2::SockRef::from(stream).cpu_affinity()
 }
 
 /// Sends `READY=1` to `NOTIFY_SOCKET` if there is one (sd_notify).

@@ -305,20 +305,8 @@ fn listener(addr: SocketAddr, arm: Arm, cpu: u32) -> Result<Socket> {
         s.set_reuse_port(true)?;
     }
     if arm == Arm::IncomingCpu {
-        let v = cpu as libc::c_int;
-        // SAFETY: setsockopt with an int option value.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_INCOMING_CPU,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context("SO_INCOMING_CPU");
-        }
+        s.set_cpu_affinity(cpu as usize)
+            .context("SO_INCOMING_CPU")?;
     }
     s.bind(&addr.into())?;
     s.listen(4096)?;

@@ -23,15 +23,22 @@ pub fn pin_thread(cpu: u32) {
 /// Online CPU ids, from sysfs.
 pub fn online_cpus() -> Vec<u32> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let mut cpus = parse_cpu_list(&text);
+    if cpus.is_empty() {
+        cpus.push(0);
+    }
+    cpus
+}
+
+/// A kernel CPU list (`0-2,5`, as in `/sys/devices/system/cpu/online` or `Cpus_allowed_list`)
+/// → [0, 1, 2, 5]. Parts that do not parse are skipped.
+pub fn parse_cpu_list(text: &str) -> Vec<u32> {
     let mut cpus = Vec::new();
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         let (a, b) = part.split_once('-').unwrap_or((part, part));
         if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
             cpus.extend(a..=b);
         }
-    }
-    if cpus.is_empty() {
-        cpus.push(0);
     }
     cpus
 }

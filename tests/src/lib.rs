@@ -17,8 +17,8 @@ use std::{
 /// How long a balancer may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub use balancer_bench::client::{
-    get, online_cpus, open_loop, parse_answer, pin_thread, read_answer, send_request, Answer, Fate,
-    IO_TIMEOUT,
+    get, online_cpus, open_loop, parse_answer, parse_cpu_list, pin_thread, read_answer,
+    send_request, Answer, Fate, IO_TIMEOUT,
 };
 
 /// The binary under test: `BALANCER_BIN`, else the workspace's debug build.
@@ -33,6 +33,16 @@ pub fn balancer_bin() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The online CPUs, for a test that needs at least two (the machine kind has 2).
+pub fn two_or_more_cpus() -> Vec<u32> {
+    let cpus = online_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test needs 2 online CPUs (the machine kind has 2): {cpus:?}"
+    );
+    cpus
 }
 
 /// These tests load eBPF: they need root. Fails (never skips) without it.
