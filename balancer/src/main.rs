@@ -1,20 +1,4 @@
 //! `balancer`: the controller, its CLI and the built-in demo worker.
-mod activation;
-mod affinity;
-mod cli;
-mod control;
-mod demo_worker;
-mod metrics;
-mod notify;
-mod policy;
-mod privileges;
-mod proc_net;
-mod procfs;
-mod report;
-mod socket_group;
-mod stall;
-mod steering;
-mod supervisor;
 
 use std::process::ExitCode;
 
@@ -23,11 +7,16 @@ use balancer_common::PolicyKind;
 use clap::Parser;
 use log::{info, warn};
 
-use crate::{
+use balancer::{
+    activation,
     cli::{Cli, Command, ControlArgs, LogLevel, PolicyAction, PolicyArgs, RunArgs, WorkersCommand},
+    control,
     control::{protocol::Request, server::ControlSocket},
+    demo_worker, metrics, policy,
     policy::{build_tables, CpuLayout},
+    privileges, report,
     socket_group::SocketGroup,
+    steering,
     steering::Steering,
     supervisor::{Supervisor, SupervisorConfig},
 };

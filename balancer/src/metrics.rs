@@ -9,7 +9,7 @@ use tokio::{
 };
 
 use crate::control::{
-    protocol::{Reply, Request, StatusReport},
+    protocol::{Reply, Request, SlotState, StatusReport},
     server::Command,
 };
 
@@ -142,15 +142,7 @@ pub fn render(s: &StatusReport) -> String {
     );
     let mut states = Vec::new();
     for slot in &s.slots {
-        for state in [
-            "starting",
-            "ready",
-            "draining",
-            "stalled",
-            "down",
-            "backing-off",
-            "removing",
-        ] {
+        for state in SlotState::ALL {
             states.push((
                 format!("{{slot=\"{}\",state=\"{state}\"}}", slot.slot),
                 u8::from(slot.state == state).to_string(),
@@ -189,7 +181,7 @@ pub fn render(s: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::{PolicyName, SlotStatus};
+    use crate::control::protocol::{PolicyName, SlotState, SlotStatus};
 
     #[test]
     fn renders_every_family_with_slot_labels() {
@@ -202,7 +194,7 @@ mod tests {
             slots: vec![SlotStatus {
                 slot: 0,
                 pid: Some(2),
-                state: "ready".into(),
+                state: SlotState::Ready,
                 cpus: vec![0],
                 restarts: 1,
                 queue: 3,

@@ -2,15 +2,15 @@
 //! counters table (on SIGUSR1 and on exit). Logs go to stderr.
 use std::io::Write;
 
-use crate::steering::AddressCounters;
+use crate::{control::protocol::SlotState, steering::AddressCounters};
 
 /// A slot as the report shows it.
 #[derive(Clone, Debug)]
 pub struct SlotView {
     /// Worker pid, if one runs.
     pub pid: Option<u32>,
-    /// starting / ready / backing-off / stopped.
-    pub state: &'static str,
+    /// What the slot is doing.
+    pub state: SlotState,
     /// Times the slot's worker was replaced.
     pub restarts: u32,
 }
@@ -53,7 +53,7 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 slot.to_string(),
                 view.and_then(|v| v.pid)
                     .map_or("-".into(), |p| p.to_string()),
-                view.map_or("-", |v| v.state).to_owned(),
+                view.map_or("-".to_owned(), |v| v.state.to_string()),
                 view.map_or(0, |v| v.restarts).to_string(),
                 c.by_cpu.to_string(),
                 c.by_hash.to_string(),
@@ -65,6 +65,8 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 c.spilled.to_string(),
             ]);
         }
+        // Decisions the program could not charge to a slot; every column is filled so that a
+        // script reading the table by position never meets a short row.
         let u = &a.unattributed;
         if u.selected() + u.select_error > 0 {
             rows.push(vec![
@@ -73,11 +75,14 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 "-".into(),
                 "-".into(),
                 "-".into(),
-                "0".into(),
-                "0".into(),
-                "0".into(),
-                "0".into(),
+                u.by_cpu.to_string(),
+                u.by_hash.to_string(),
+                u.fallback.to_string(),
+                u.migrated.to_string(),
                 u.select_error.to_string(),
+                u.by_round_robin.to_string(),
+                u.by_least_loaded.to_string(),
+                u.spilled.to_string(),
             ]);
         }
     }
@@ -130,7 +135,7 @@ mod tests {
         };
         let v = SlotView {
             pid: Some(42),
-            state: "ready",
+            state: SlotState::Ready,
             restarts: 1,
         };
         let text = format_counters(&[c], &[v.clone(), v]);

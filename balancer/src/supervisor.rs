@@ -29,8 +29,8 @@ use crate::{
     affinity,
     control::{
         protocol::{
-            ErrorKind, ErrorReply, Outcome, PolicyName, PolicyReport, Reply, Request, SlotStatus,
-            StatusReport,
+            ErrorKind, ErrorReply, Outcome, PolicyName, PolicyReport, Reply, Request, SlotState,
+            SlotStatus, StatusReport,
         },
         server::Command,
     },
@@ -124,15 +124,15 @@ impl Slot {
             && !self.stall.is_stalled()
     }
 
-    fn state(&self) -> &'static str {
+    fn state(&self) -> SlotState {
         match (self.current, self.removing) {
-            (_, true) => "removing",
-            (Some(_), _) if self.stall.is_stalled() => "stalled",
-            (Some(w), _) if w.ready && self.drained => "draining",
-            (Some(w), _) if w.ready => "ready",
-            (Some(_), _) => "starting",
-            (None, _) if self.backoff_token.is_some() => "backing-off",
-            (None, _) => "down",
+            (_, true) => SlotState::Removing,
+            (Some(_), _) if self.stall.is_stalled() => SlotState::Stalled,
+            (Some(w), _) if w.ready && self.drained => SlotState::Draining,
+            (Some(w), _) if w.ready => SlotState::Ready,
+            (Some(_), _) => SlotState::Starting,
+            (None, _) if self.backoff_token.is_some() => SlotState::BackingOff,
+            (None, _) => SlotState::Down,
         }
     }
 }
@@ -1258,7 +1258,7 @@ impl Supervisor {
                 SlotStatus {
                     slot: i as u32,
                     pid: s.current.map(|w| w.pid),
-                    state: s.state().to_owned(),
+                    state: s.state(),
                     cpus: self
                         .config
                         .layout
@@ -1399,7 +1399,7 @@ fn slot_view(s: &Slot) -> SlotView {
     SlotView {
         pid: s.current.map(|w| w.pid),
         state: if s.current.is_none() && s.backoff_token.is_none() && !s.removing {
-            "stopped"
+            SlotState::Stopped
         } else {
             s.state()
         },
@@ -1476,15 +1476,15 @@ mod tests {
             current: Some(w),
             ..Default::default()
         };
-        assert_eq!(s.state(), "ready");
+        assert_eq!(s.state(), SlotState::Ready);
         assert!(s.live());
         s.drained = true;
-        assert_eq!(s.state(), "draining");
+        assert_eq!(s.state(), SlotState::Draining);
         assert!(!s.live());
         s.current = None;
         s.backoff_token = Some(3);
-        assert_eq!(s.state(), "backing-off");
+        assert_eq!(s.state(), SlotState::BackingOff);
         s.removing = true;
-        assert_eq!(s.state(), "removing");
+        assert_eq!(s.state(), SlotState::Removing);
     }
 }

@@ -113,7 +113,7 @@ fn format_status(s: &StatusReport) -> String {
         rows.push(vec![
             slot.slot.to_string(),
             slot.pid.map_or("-".into(), |p| p.to_string()),
-            slot.state.clone(),
+            slot.state.to_string(),
             if slot.cpus.is_empty() {
                 "-".into()
             } else {

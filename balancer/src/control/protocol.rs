@@ -88,6 +88,75 @@ impl Request {
     }
 }
 
+/// What a slot is doing: the one vocabulary of `status`, `--json`, Prometheus and the
+/// counters table. The supervisor derives it from a slot's occupant, membership and stall
+/// state (`supervisor::slot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotState {
+    /// A worker was started and has not said it is ready: connections queue on its socket.
+    Starting,
+    /// The worker is ready and the slot takes new connections.
+    Ready,
+    /// Drained by the operator: out of the tables, its worker keeps running.
+    Draining,
+    /// Its queue stopped shrinking: out of the tables until it drains.
+    Stalled,
+    /// No worker, and no respawn pending.
+    Down,
+    /// Its worker died; the respawn waits out the crash-loop backoff.
+    BackingOff,
+    /// Being scaled away: out of the tables, its worker stopping.
+    Removing,
+    /// The controller stopped its worker (shutdown).
+    Stopped,
+}
+
+impl SlotState {
+    /// Every state, in the order tables and metrics list them.
+    pub const ALL: [SlotState; 8] = [
+        SlotState::Starting,
+        SlotState::Ready,
+        SlotState::Draining,
+        SlotState::Stalled,
+        SlotState::Down,
+        SlotState::BackingOff,
+        SlotState::Removing,
+        SlotState::Stopped,
+    ];
+
+    /// The state's name, as `--json` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Starting => "starting",
+            SlotState::Ready => "ready",
+            SlotState::Draining => "draining",
+            SlotState::Stalled => "stalled",
+            SlotState::Down => "down",
+            SlotState::BackingOff => "backing-off",
+            SlotState::Removing => "removing",
+            SlotState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SlotState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SlotState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown slot state {s:?}"))
+    }
+}
+
 /// One slot in a status reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SlotStatus {
@@ -95,8 +164,8 @@ pub struct SlotStatus {
     pub slot: u32,
     /// Worker pid, when one runs.
     pub pid: Option<u32>,
-    /// starting / ready / draining / down / backing-off / removing.
-    pub state: String,
+    /// What the slot is doing (one word, see [`SlotState`]).
+    pub state: SlotState,
     /// CPUs whose connections the cpu policy sends here (or the worker's pinning).
     pub cpus: Vec<u32>,
     /// Times the slot's worker was replaced.

@@ -1,0 +1,19 @@
+//! `balancer` as a library: the controller's parts, for the `balancer` binary, the
+//! integration tests and the benchmark (which read [`control::protocol::StatusReport`] and
+//! [`control::protocol::ErrorKind`] as typed values instead of walking JSON by key).
+pub mod activation;
+pub mod affinity;
+pub mod cli;
+pub mod control;
+pub mod demo_worker;
+pub mod metrics;
+pub mod notify;
+pub mod policy;
+pub mod privileges;
+pub mod proc_net;
+pub mod procfs;
+pub mod report;
+pub mod socket_group;
+pub mod stall;
+pub mod steering;
+pub mod supervisor;
