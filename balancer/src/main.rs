@@ -18,7 +18,7 @@ use balancer::{
     socket_group::SocketGroup,
     steering,
     steering::Steering,
-    supervisor::{Supervisor, SupervisorConfig},
+    supervisor::{self, SupervisorConfig},
 };
 
 fn main() -> ExitCode {
@@ -184,7 +184,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .as_ref()
                 .map_or(String::new(), |d| format!("; pinned under {}", d.display()))
         );
-        let result = Supervisor::run(
+        let result = supervisor::run(
             SupervisorConfig {
                 command,
                 slots,

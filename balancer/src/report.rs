@@ -5,7 +5,7 @@ use std::io::Write;
 use crate::{control::protocol::SlotState, steering::AddressCounters};
 
 /// A slot as the report shows it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotView {
     /// Worker pid, if one runs.
     pub pid: Option<u32>,

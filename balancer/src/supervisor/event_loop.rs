@@ -1,0 +1,102 @@
+//! The event loop: worker events and timers from the host, READY=1 from the notify socket,
+//! control requests, the sampling tick and the controller's signals, each handed to the
+//! supervisor one at a time; then the ordered shutdown.
+use std::time::Duration;
+
+use anyhow::Context;
+use log::{error, info, warn};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use super::{
+    host::Event, machine::Supervisor, operation::Responder, real_host::RealHost,
+    settings::SupervisorConfig,
+};
+use crate::{
+    control::server::Command, notify::NotifySocket, socket_group::SocketGroup, steering::Steering,
+};
+
+/// After SIGKILL on shutdown, how long to wait for the exits to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the group: starts every worker, supervises them, serves `commands`, and stops the
+/// workers in order on SIGTERM/SIGINT. Returns after every worker has exited.
+pub async fn run(
+    config: SupervisorConfig,
+    group: SocketGroup,
+    steering: Steering,
+    mut commands: mpsc::Receiver<Command>,
+) -> anyhow::Result<()> {
+    let notify = NotifySocket::bind().context("creating the NOTIFY_SOCKET for workers")?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (command, slots, settings, steer) = config.split();
+    let host = RealHost::new(group, steering, command, notify.env_value().to_owned(), tx);
+    let mut tick = tokio::time::interval(settings.sample_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut sup = Supervisor::new(host, settings, steer, slots);
+    sup.start();
+    loop {
+        tokio::select! {
+            Some(event) = rx.recv() => sup.handle(event).await,
+            msg = notify.recv() => match msg {
+                Ok(msg) => {
+                    if let (true, Some(pid)) = (msg.is_ready(), msg.pid) {
+                        if let Ok(pid) = u32::try_from(pid) {
+                            sup.on_notify_ready(pid).await;
+                        }
+                    }
+                }
+                Err(e) => warn!("reading NOTIFY_SOCKET: {e}"),
+            },
+            Some((request, reply)) = commands.recv() => {
+                sup.on_request(request, Responder::to(reply)).await;
+            }
+            _ = tick.tick() => sup.on_sample().await,
+            _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping workers"); break; }
+            _ = hup.recv() => {
+                info!("SIGHUP: rolling restart of every slot");
+                sup.restart_all();
+            }
+            _ = usr1.recv() => sup.print_report(),
+        }
+    }
+    shutdown(&mut sup, &mut rx).await;
+    Ok(())
+}
+
+/// SIGTERM to every worker, SIGKILL after the grace, then waits for the exits (at most
+/// [`REAP_WAIT`] more) and detaches the program.
+async fn shutdown(sup: &mut Supervisor<RealHost>, rx: &mut mpsc::UnboundedReceiver<Event>) {
+    sup.begin_shutdown();
+    let grace = sup.grace();
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut killed = false;
+    while sup.workers_left() {
+        tokio::select! {
+            Some(event) = rx.recv() => {
+                // Timers no longer matter: only exits are waited for.
+                if let Event::Exited { .. } = event {
+                    sup.handle(event).await;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if !killed => {
+                warn!("workers still running after the {} grace: SIGKILL",
+                    humantime::format_duration(grace));
+                sup.kill_remaining();
+                killed = true;
+            }
+            _ = tokio::time::sleep_until(deadline + REAP_WAIT), if killed => {
+                error!("workers did not exit after SIGKILL; giving up on them");
+                break;
+            }
+        }
+    }
+    sup.finish_shutdown();
+}

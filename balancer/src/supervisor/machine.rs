@@ -1,0 +1,139 @@
+//! The supervisor's state and the small rules every handler shares: which slots are live,
+//! publishing the tables, the layout pinning follows. The handlers live beside it, one file
+//! per input (`lifecycle`, `requests`, `operation`, `sampling`, `shutdown`) and the read
+//! models in `views`; none of them touches the world except through [`Host`].
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+
+use super::{
+    host::{Host, Publish},
+    operation::Operation,
+    settings::{Settings, Steer},
+    slot::{Ids, Membership, Phase, Slot},
+};
+use crate::policy::{build_tables, weights_void};
+
+/// Supervises the workers of a socket group and serves control requests, through a [`Host`].
+pub struct Supervisor<H: Host> {
+    /// Every effect goes through here.
+    pub(super) host: H,
+    pub(super) settings: Settings,
+    pub(super) steer: Steer,
+    pub(super) slots: Vec<Slot>,
+    pub(super) ids: Ids,
+    /// The multi-step change in progress (at most one).
+    pub(super) op: Option<Operation>,
+    pub(super) phase: Phase,
+    /// Whether `ready: N workers` was printed (once, when every slot first was ready).
+    pub(super) announced_ready: bool,
+    pub(super) started: Instant,
+    /// Time spent sampling queue depths, for `status`.
+    pub(super) sampling_spent: Duration,
+    /// The last sample: accept-queue depth per slot, summed over the addresses.
+    pub(super) depths: Vec<u32>,
+}
+
+impl<H: Host> Supervisor<H> {
+    /// A supervisor of `slots` empty slots; [`Supervisor::start`] starts their workers.
+    pub fn new(host: H, settings: Settings, steer: Steer, slots: u32) -> Self {
+        let started = host.now();
+        Self {
+            host,
+            settings,
+            steer,
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+            ids: Ids::default(),
+            op: None,
+            phase: Phase::Running,
+            announced_ready: false,
+            started,
+            sampling_spent: Duration::ZERO,
+            depths: Vec::new(),
+        }
+    }
+
+    /// Starts every slot's worker.
+    pub fn start(&mut self) {
+        for slot in 0..self.slot_count() {
+            self.spawn_current(slot);
+        }
+    }
+
+    /// The host, for the event loop and the tests.
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    /// The host, mutably.
+    pub fn host_mut(&mut self) -> &mut H {
+        &mut self.host
+    }
+
+    /// Whether shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.phase == Phase::Stopping
+    }
+
+    pub(super) fn slot_count(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// Which slots take new connections.
+    pub(super) fn live(&self) -> Vec<bool> {
+        self.slots.iter().map(Slot::live).collect()
+    }
+
+    /// Whether any slot other than `slot` is live.
+    pub(super) fn others_live(&self, slot: u32) -> bool {
+        self.slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i as u32 != slot && s.live())
+    }
+
+    /// The slot count that pinning follows: every slot but those a scale-down is removing
+    /// (always the last ones), so that the survivors take over the removed slots' CPUs at once.
+    pub(super) fn layout_slots(&self) -> u32 {
+        self.slots
+            .iter()
+            .filter(|s| s.membership != Membership::Removing)
+            .count() as u32
+    }
+
+    /// The CPUs a worker of `slot` is pinned to, with `--pin-workers`.
+    pub(super) fn pinned_cpus(&self, slot: u32) -> Option<Vec<u32>> {
+        self.settings
+            .pin_workers
+            .then(|| self.settings.layout.pinned_cpus(slot, self.layout_slots()))
+    }
+
+    /// Builds the tables for the slots live now and publishes them.
+    pub(super) async fn publish(&mut self) {
+        let live = self.live();
+        let weights = self.steer.weights.as_deref();
+        if weights_void(&live, weights) {
+            warn!("every live slot has weight 0: hash shares are equal until a weighted slot is live again");
+        }
+        let tables = build_tables(&self.settings.layout, self.slot_count(), &live, weights);
+        let publish = Publish {
+            policy: self.steer.policy,
+            spill_depth: self.steer.spill_depth,
+            tables: &tables,
+        };
+        if let Err(e) = self.host.publish(publish).await {
+            // The previous tables stay active; they are valid, just not current.
+            error!("publishing the steering tables failed: {e}");
+        }
+    }
+
+    /// Connections moved by the migrate program so far, over every slot and address.
+    pub(super) fn migrated_total(&self) -> u64 {
+        self.host.counters().map_or(0, |c| {
+            c.iter()
+                .flat_map(|a| a.slots.iter())
+                .map(|s| s.migrated)
+                .sum()
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! What the supervisor is told at start: the settings that never change, and the steering
+//! state the operator changes at run time (policy, spill depth, hash weights).
+use std::{ffi::OsString, time::Duration};
+
+use balancer_common::PolicyKind;
+
+use crate::{policy::CpuLayout, stall::StallConfig};
+
+/// What `balancer run` asks the supervisor to run.
+pub struct SupervisorConfig {
+    /// Worker program (resolved) and arguments.
+    pub command: Vec<OsString>,
+    /// Number of slots at start.
+    pub slots: u32,
+    /// Policy at start.
+    pub policy: PolicyKind,
+    /// CPU layout the tables are built for.
+    pub layout: CpuLayout,
+    /// Pin workers to their CPUs.
+    pub pin_workers: bool,
+    /// How long to wait for READY=1.
+    pub ready_timeout: Duration,
+    /// SIGTERM → SIGKILL grace, on shutdown and for replaced workers.
+    pub grace: Duration,
+    /// Whether kernel BPF run-time statistics are on.
+    pub bpf_stats: bool,
+    /// Spill depth for the cpu and hash policies (0: off).
+    pub spill_depth: u32,
+    /// How often accept-queue depths are sampled.
+    pub sample_interval: Duration,
+    /// Stall detection timeout.
+    pub stall_timeout: Duration,
+    /// Evacuate stalled slots' queues.
+    pub evacuate: bool,
+    /// Kill workers stalled this long.
+    pub kill_stalled: Option<Duration>,
+}
+
+/// Settings fixed for the life of the controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// CPU layout the tables are built for.
+    pub layout: CpuLayout,
+    /// Pin workers to their slot's CPUs.
+    pub pin_workers: bool,
+    /// How long a worker has to say READY=1 before it is taken as ready.
+    pub ready_timeout: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub grace: Duration,
+    /// Whether kernel BPF run-time statistics are on.
+    pub bpf_stats: bool,
+    /// How often accept-queue depths are sampled.
+    pub sample_interval: Duration,
+    /// Stall detection timeout (zero: off).
+    pub stall_timeout: Duration,
+    /// Evacuate stalled slots' queues.
+    pub evacuate: bool,
+    /// Kill workers stalled this long.
+    pub kill_stalled: Option<Duration>,
+}
+
+impl Settings {
+    /// Stall detection's settings.
+    pub fn stall(&self) -> StallConfig {
+        StallConfig {
+            timeout: self.stall_timeout,
+            kill_after: self.kill_stalled,
+        }
+    }
+}
+
+/// How connections are steered: changed by `policy set` (and scaling resets the weights).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steer {
+    /// The policy.
+    pub policy: PolicyKind,
+    /// Spill depth of the cpu and hash policies (0: off).
+    pub spill_depth: u32,
+    /// Per-slot hash weights; `None` for equal shares.
+    pub weights: Option<Vec<u32>>,
+}
+
+impl SupervisorConfig {
+    /// Splits the configuration: (worker command, slots at start, settings, steering state).
+    pub fn split(self) -> (Vec<OsString>, u32, Settings, Steer) {
+        (
+            self.command,
+            self.slots,
+            Settings {
+                layout: self.layout,
+                pin_workers: self.pin_workers,
+                ready_timeout: self.ready_timeout,
+                grace: self.grace,
+                bpf_stats: self.bpf_stats,
+                sample_interval: self.sample_interval,
+                stall_timeout: self.stall_timeout,
+                evacuate: self.evacuate,
+                kill_stalled: self.kill_stalled,
+            },
+            Steer {
+                policy: self.policy,
+                spill_depth: self.spill_depth,
+                weights: None,
+            },
+        )
+    }
+}

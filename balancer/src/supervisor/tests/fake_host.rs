@@ -1,0 +1,272 @@
+//! A fake [`Host`]: records every effect in order, hands out pids, keeps timers for the test
+//! to fire, moves time only when told, and checks the tables invariant on every publish.
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use balancer_common::{PolicyKind, SlotCounters};
+use nix::sys::signal::Signal;
+
+use crate::{
+    report::SlotView,
+    steering::AddressCounters,
+    supervisor::{
+        host::{Event, Host, HostError, Publish, Repin, Timer, WorkerExit},
+        slot::Generation,
+    },
+};
+
+/// One effect, as the supervisor asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Spawn {
+        slot: u32,
+        pid: u32,
+    },
+    SpawnFailed {
+        slot: u32,
+    },
+    Signal {
+        pid: u32,
+        signal: Signal,
+    },
+    Schedule {
+        delay: Duration,
+        timer: Timer,
+    },
+    /// The policy and the slots the published tables name as live.
+    Publish {
+        policy: PolicyKind,
+        live: Vec<u32>,
+    },
+    Grow {
+        from: u32,
+        to: u32,
+    },
+    Shrink {
+        to: u32,
+    },
+    Evacuate {
+        slot: u32,
+    },
+    Repin(Vec<Repin>),
+    Announce(String),
+    PrintCounters(Vec<SlotView>),
+    Detach,
+}
+
+/// A worker the fake started.
+#[derive(Clone, Copy, Debug)]
+pub struct Started {
+    pub pid: u32,
+    pub generation: Generation,
+}
+
+pub struct FakeHost {
+    pub now: Instant,
+    pub calls: Vec<Call>,
+    pub started: Vec<Started>,
+    /// Pending timers: when due, and what.
+    pub timers: Vec<(Instant, Timer)>,
+    /// Slots whose next spawns fail.
+    pub failing_slots: HashSet<u32>,
+    /// Sockets per address the group has (what the socket arrays hold).
+    pub group_slots: u32,
+    /// What the next samples read: depth per slot (one address).
+    pub depths: Vec<u32>,
+    /// Connections the migrate program moved, as the counters show.
+    pub migrated: u64,
+    /// How many queued connections the next shrink migrates (closing sockets moves them).
+    pub migrate_on_shrink: u64,
+    next_pid: u32,
+}
+
+impl FakeHost {
+    pub fn new(slots: u32) -> Self {
+        Self {
+            now: Instant::now(),
+            calls: Vec::new(),
+            started: Vec::new(),
+            timers: Vec::new(),
+            failing_slots: HashSet::new(),
+            group_slots: slots,
+            depths: vec![0; slots as usize],
+            migrated: 0,
+            migrate_on_shrink: 0,
+            next_pid: 1000,
+        }
+    }
+
+    /// The generation a pid was started under.
+    pub fn generation_of(&self, pid: u32) -> Generation {
+        self.started
+            .iter()
+            .find(|s| s.pid == pid)
+            .map(|s| s.generation)
+            .unwrap_or_else(|| panic!("pid {pid} was never started"))
+    }
+
+    /// The exit event of `pid`.
+    pub fn exit_event(&self, pid: u32, how: WorkerExit) -> Event {
+        Event::Exited {
+            generation: self.generation_of(pid),
+            pid,
+            how,
+        }
+    }
+
+    /// Moves time on and returns the timers now due, earliest first (removed from the list).
+    pub fn advance(&mut self, by: Duration) -> Vec<Timer> {
+        self.now += by;
+        let now = self.now;
+        let mut due: Vec<(Instant, Timer)> = Vec::new();
+        self.timers.retain(|(at, t)| {
+            if *at <= now {
+                due.push((*at, *t));
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|(at, _)| *at);
+        due.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Forgets the calls recorded so far; returns them.
+    pub fn take_calls(&mut self) -> Vec<Call> {
+        std::mem::take(&mut self.calls)
+    }
+
+    /// The signals sent, in order.
+    pub fn signals(&self) -> Vec<(u32, Signal)> {
+        self.calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Signal { pid, signal } => Some((*pid, *signal)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Host for FakeHost {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn spawn(
+        &mut self,
+        slot: u32,
+        generation: Generation,
+        _cpus: Option<&[u32]>,
+    ) -> Result<u32, HostError> {
+        assert!(slot < self.group_slots, "slot {slot} has no socket");
+        if self.failing_slots.contains(&slot) {
+            self.calls.push(Call::SpawnFailed { slot });
+            return Err(HostError::Spawn(std::io::Error::from_raw_os_error(
+                libc::ENOENT,
+            )));
+        }
+        self.next_pid += 1;
+        let pid = self.next_pid;
+        self.started.push(Started { pid, generation });
+        self.calls.push(Call::Spawn { slot, pid });
+        Ok(pid)
+    }
+
+    fn signal(&mut self, pid: u32, signal: Signal) {
+        self.calls.push(Call::Signal { pid, signal });
+    }
+
+    fn schedule(&mut self, delay: Duration, timer: Timer) {
+        self.timers.push((self.now + delay, timer));
+        self.calls.push(Call::Schedule { delay, timer });
+    }
+
+    async fn publish(&mut self, p: Publish<'_>) -> Result<(), HostError> {
+        let live: Vec<u32> = p.tables.live[..p.tables.n_live as usize].to_vec();
+        // The invariant: every entry names a slot whose socket is in the array.
+        for s in p
+            .tables
+            .live
+            .iter()
+            .take(p.tables.n_live as usize)
+            .chain(p.tables.buckets.iter())
+            .chain(p.tables.cpu.iter())
+        {
+            assert!(
+                *s < self.group_slots,
+                "published tables name slot {s}, but the group has {} sockets",
+                self.group_slots
+            );
+        }
+        self.calls.push(Call::Publish {
+            policy: p.policy,
+            live,
+        });
+        Ok(())
+    }
+
+    fn grow(&mut self, from: u32, to: u32) -> Result<(), HostError> {
+        assert_eq!(from, self.group_slots);
+        self.calls.push(Call::Grow { from, to });
+        self.group_slots = to;
+        self.depths.resize(to as usize, 0);
+        Ok(())
+    }
+
+    fn shrink(&mut self, to: u32) {
+        self.calls.push(Call::Shrink { to });
+        self.group_slots = to;
+        self.depths.truncate(to as usize);
+        self.migrated += std::mem::take(&mut self.migrate_on_shrink);
+    }
+
+    fn evacuate(&mut self, slot: u32) -> Result<(), HostError> {
+        self.calls.push(Call::Evacuate { slot });
+        Ok(())
+    }
+
+    fn sample_queues(&mut self) -> Vec<Vec<u32>> {
+        vec![self.depths.clone()]
+    }
+
+    async fn repin(&mut self, plan: Vec<Repin>) -> Option<String> {
+        self.calls.push(Call::Repin(plan));
+        None
+    }
+
+    fn counters(&self) -> Result<Vec<AddressCounters>, HostError> {
+        let mut slots = vec![SlotCounters::default(); self.group_slots as usize];
+        if let Some(first) = slots.first_mut() {
+            first.migrated = self.migrated;
+        }
+        Ok(vec![AddressCounters {
+            addr: self.addresses()[0],
+            slots,
+            unattributed: SlotCounters::default(),
+        }])
+    }
+
+    fn program_stats(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    fn addresses(&self) -> Vec<SocketAddr> {
+        vec![SocketAddr::from(([127, 0, 0, 1], 8080))]
+    }
+
+    fn announce(&mut self, line: &str) {
+        self.calls.push(Call::Announce(line.to_owned()));
+    }
+
+    fn print_counters(&mut self, slots: &[SlotView]) {
+        self.calls.push(Call::PrintCounters(slots.to_vec()));
+    }
+
+    fn detach(&mut self) {
+        self.calls.push(Call::Detach);
+    }
+}

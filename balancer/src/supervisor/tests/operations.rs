@@ -1,0 +1,192 @@
+//! Multi-step operations: rolling restart, scale up and down, their replies, refusals and
+//! the effect order.
+use nix::sys::signal::Signal;
+
+use super::{
+    advance, answered, ask, error_kind, exit, fake_host::Call, last_started, pending, pid, ready,
+};
+use crate::{
+    control::protocol::{ErrorKind, Reply, Request, SlotState},
+    supervisor::{host::WorkerExit, slot::Phase},
+};
+
+#[tokio::test]
+async fn a_successor_that_dies_before_ready_fails_the_restart_and_keeps_the_old_worker() {
+    let mut sup = ready(2).await;
+    let old = pid(&sup, 0);
+    let mut rx = ask(&mut sup, Request::Restart { slot: Some(0) }).await;
+    assert!(pending(&mut rx));
+    let new = last_started(&sup);
+    assert_eq!(sup.slots[0].successor().map(|w| w.pid), Some(new));
+    exit(&mut sup, new, WorkerExit::Code(3)).await;
+    let outcome = answered(&mut rx);
+    assert_eq!(error_kind(&outcome), ErrorKind::Failed);
+    let message = outcome.unwrap_err().message;
+    assert!(
+        message.contains(&format!("old worker (pid {old}) keeps serving")),
+        "{message}"
+    );
+    assert_eq!(pid(&sup, 0), old);
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Ready);
+    assert!(
+        sup.host().signals().is_empty(),
+        "the old worker was not signalled"
+    );
+    // Not respawned with backoff: the old worker still serves.
+    assert!(!sup.host().calls.iter().any(|c| matches!(
+        c,
+        Call::Schedule {
+            timer: crate::supervisor::host::Timer::Respawn { .. },
+            ..
+        }
+    )));
+    // The controller is free for the next command.
+    let mut rx = ask(&mut sup, Request::Restart { slot: Some(1) }).await;
+    assert!(pending(&mut rx));
+    let new1 = last_started(&sup);
+    sup.on_notify_ready(new1).await;
+    assert!(answered(&mut rx).is_ok());
+}
+
+#[tokio::test]
+async fn a_scale_up_whose_worker_cannot_start_fails_and_frees_the_controller() {
+    let mut sup = ready(2).await;
+    sup.host_mut().failing_slots.insert(2);
+    let mut rx = ask(&mut sup, Request::Scale { workers: 3 }).await;
+    let outcome = answered(&mut rx);
+    assert_eq!(error_kind(&outcome), ErrorKind::Failed);
+    assert!(outcome.unwrap_err().message.contains("slot 2 is not ready"));
+    assert_eq!(sup.slots.len(), 3);
+    assert_eq!(sup.slots[2].state(Phase::Running), SlotState::BackingOff);
+    assert!(sup.op.is_none());
+    // The next command is served, not refused as busy.
+    let mut rx = ask(&mut sup, Request::Restart { slot: Some(0) }).await;
+    assert!(pending(&mut rx));
+    // Once it can start, the slot's worker comes up by the backoff.
+    sup.host_mut().failing_slots.clear();
+    advance(&mut sup, std::time::Duration::from_millis(100)).await;
+    assert!(sup
+        .host()
+        .calls
+        .iter()
+        .any(|c| matches!(c, Call::Spawn { slot: 2, .. })));
+}
+
+#[tokio::test]
+async fn sighup_during_a_scale_is_ignored_and_a_second_request_gets_busy() {
+    let mut sup = ready(2).await;
+    let mut rx = ask(&mut sup, Request::Scale { workers: 3 }).await;
+    assert!(pending(&mut rx));
+    let new = last_started(&sup);
+    sup.host_mut().take_calls();
+    sup.restart_all();
+    assert!(sup.host().calls.is_empty(), "{:?}", sup.host().calls);
+    for request in [
+        Request::Restart { slot: None },
+        Request::Scale { workers: 4 },
+    ] {
+        let mut second = ask(&mut sup, request).await;
+        assert_eq!(error_kind(&answered(&mut second)), ErrorKind::Busy);
+    }
+    // Status is still served during the scale.
+    let mut status = ask(&mut sup, Request::Status).await;
+    assert!(matches!(answered(&mut status), Ok(Reply::Status(_))));
+    sup.on_notify_ready(new).await;
+    assert!(answered(&mut rx).is_ok());
+    assert_eq!(sup.live(), [true, true, true]);
+}
+
+#[tokio::test]
+async fn scale_down_publishes_then_stops_then_shrinks_after_the_last_exit() {
+    let mut sup = ready(4).await;
+    let (p2, p3) = (pid(&sup, 2), pid(&sup, 3));
+    sup.host_mut().migrated = 7;
+    sup.host_mut().migrate_on_shrink = 5;
+    let mut rx = ask(&mut sup, Request::Scale { workers: 2 }).await;
+    let calls = sup.host_mut().take_calls();
+    let publish = calls
+        .iter()
+        .position(|c| matches!(c, Call::Publish { live, .. } if live == &[0, 1]))
+        .expect("the removed slots leave the tables");
+    let term2 = calls
+        .iter()
+        .position(|c| {
+            c == &Call::Signal {
+                pid: p2,
+                signal: Signal::SIGTERM,
+            }
+        })
+        .expect("SIGTERM to slot 2's worker");
+    let term3 = calls
+        .iter()
+        .position(|c| {
+            c == &Call::Signal {
+                pid: p3,
+                signal: Signal::SIGTERM,
+            }
+        })
+        .expect("SIGTERM to slot 3's worker");
+    assert!(publish < term2 && publish < term3, "{calls:?}");
+    assert!(!calls.iter().any(|c| matches!(c, Call::Shrink { .. })));
+    assert_eq!(sup.slots[2].state(Phase::Running), SlotState::Removing);
+    assert!(pending(&mut rx));
+    exit(&mut sup, p2, WorkerExit::Code(0)).await;
+    assert!(
+        sup.host().calls.is_empty(),
+        "nothing closes while a worker runs"
+    );
+    assert!(pending(&mut rx));
+    exit(&mut sup, p3, WorkerExit::Code(0)).await;
+    assert_eq!(
+        sup.host().calls,
+        [
+            Call::Shrink { to: 2 },
+            Call::Publish {
+                policy: balancer_common::PolicyKind::Hash,
+                live: vec![0, 1]
+            }
+        ]
+    );
+    match answered(&mut rx) {
+        Ok(Reply::Done { message }) => {
+            assert!(
+                message.contains("scaled 4 -> 2 workers; 5 queued"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sup.slots.len(), 2);
+    assert!(sup.op.is_none());
+}
+
+#[tokio::test]
+async fn drain_and_scale_refuse_to_leave_no_live_slot() {
+    let mut sup = ready(2).await;
+    let mut rx = ask(&mut sup, Request::Drain { slot: 1 }).await;
+    assert!(answered(&mut rx).is_ok());
+    assert_eq!(sup.slots[1].state(Phase::Running), SlotState::Draining);
+    let mut rx = ask(&mut sup, Request::Drain { slot: 0 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
+    assert_eq!(sup.live(), [true, false]);
+    let mut rx = ask(&mut sup, Request::Undrain { slot: 1 }).await;
+    assert!(answered(&mut rx).is_ok());
+    let mut rx = ask(&mut sup, Request::Drain { slot: 0 }).await;
+    assert!(answered(&mut rx).is_ok());
+    sup.host_mut().take_calls();
+    let mut rx = ask(&mut sup, Request::Scale { workers: 1 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
+    assert_eq!(sup.slots.len(), 2);
+    assert!(sup.host().calls.is_empty(), "a refusal changes nothing");
+    // A down slot counts as not live too.
+    let mut rx = ask(&mut sup, Request::Undrain { slot: 0 }).await;
+    assert!(answered(&mut rx).is_ok());
+    let p0 = pid(&sup, 0);
+    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    let mut rx = ask(&mut sup, Request::Drain { slot: 1 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
+    let mut rx = ask(&mut sup, Request::Scale { workers: 1 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
+    let mut rx = ask(&mut sup, Request::Drain { slot: 7 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
+}

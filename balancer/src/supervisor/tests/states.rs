@@ -1,0 +1,269 @@
+//! Sampling and stalls, shutdown, and the slot state table.
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::{
+    answered, ask, error_kind, exit, fake_host::Call, last_started, pending, pid, ready,
+    ready_with, settings, Sup, STALL_TIMEOUT,
+};
+use crate::{
+    control::protocol::{ErrorKind, Request, SlotState},
+    supervisor::{
+        host::WorkerExit,
+        slot::{state_of, Generation, Membership, Occupant, Phase, TimerToken, Worker},
+    },
+};
+
+/// Samples every millisecond for `ms` milliseconds with these queue depths.
+async fn sample_for(sup: &mut Sup, depths: &[u32], ms: u64) {
+    for _ in 0..ms {
+        sup.host_mut().depths = depths.to_vec();
+        super::advance(sup, Duration::from_millis(1)).await;
+        sup.on_sample().await;
+    }
+}
+
+fn count(sup: &Sup, what: impl Fn(&Call) -> bool) -> usize {
+    sup.host().calls.iter().filter(|c| what(c)).count()
+}
+
+#[tokio::test]
+async fn a_stalled_slot_is_evacuated_only_while_another_slot_is_live() {
+    let mut sup = ready(2).await;
+    // Slot 1 drained: when slot 0 stalls, no other slot is live.
+    let mut rx = ask(&mut sup, Request::Drain { slot: 1 }).await;
+    assert!(answered(&mut rx).is_ok());
+    sup.host_mut().take_calls();
+    let stall_ms = STALL_TIMEOUT.as_millis() as u64;
+    sample_for(&mut sup, &[5, 0], stall_ms + 2).await;
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Stalled);
+    // Out of the tables (all slots count as live when none is: they queue for successors).
+    assert!(sup
+        .host()
+        .calls
+        .iter()
+        .any(|c| matches!(c, Call::Publish { .. })));
+    // Retried every stall timeout, never done while nothing else is live.
+    sample_for(&mut sup, &[5, 0], 3 * stall_ms).await;
+    assert_eq!(count(&sup, |c| matches!(c, Call::Evacuate { .. })), 0);
+    let mut rx = ask(&mut sup, Request::Undrain { slot: 1 }).await;
+    assert!(answered(&mut rx).is_ok());
+    sample_for(&mut sup, &[5, 0], stall_ms + 1).await;
+    assert_eq!(
+        count(&sup, |c| matches!(c, Call::Evacuate { slot: 0 })),
+        1,
+        "{:?}",
+        sup.host().calls
+    );
+    assert_eq!(sup.live(), [false, true]);
+}
+
+#[tokio::test]
+async fn a_stall_takes_the_slot_out_evacuates_it_once_and_kill_stalled_kills_once() {
+    let mut s = settings();
+    s.kill_stalled = Some(Duration::from_secs(1));
+    let mut sup = ready_with(2, s).await;
+    let p0 = pid(&sup, 0);
+    let stall_ms = STALL_TIMEOUT.as_millis() as u64;
+    // A queue that shrinks now and then is no stall.
+    for _ in 0..4 {
+        sample_for(&mut sup, &[6, 0], stall_ms / 2).await;
+        sample_for(&mut sup, &[5, 0], stall_ms / 2).await;
+    }
+    assert!(sup.host().calls.is_empty(), "{:?}", sup.host().calls);
+    sample_for(&mut sup, &[5, 0], stall_ms + 1).await;
+    let calls = sup.host().calls.clone();
+    let publish = calls
+        .iter()
+        .position(|c| matches!(c, Call::Publish { live, .. } if live == &[1]))
+        .expect("the stalled slot leaves the tables");
+    let evacuate = calls
+        .iter()
+        .position(|c| c == &Call::Evacuate { slot: 0 })
+        .expect("its queue is evacuated");
+    assert!(publish < evacuate, "{calls:?}");
+    let kills = |sup: &Sup| {
+        count(sup, |c| {
+            c == &Call::Signal {
+                pid: p0,
+                signal: Signal::SIGKILL,
+            }
+        })
+    };
+    assert_eq!(kills(&sup), 0);
+    sample_for(&mut sup, &[5, 0], 1000).await;
+    assert_eq!(kills(&sup), 1);
+    sample_for(&mut sup, &[5, 0], 2000).await;
+    assert_eq!(kills(&sup), 1, "killed exactly once");
+}
+
+#[tokio::test]
+async fn shutdown_answers_the_pending_operation_and_signals_every_worker() {
+    let mut sup = ready(2).await;
+    let (old0, p1) = (pid(&sup, 0), pid(&sup, 1));
+    // Slot 0 restarted: its old worker is retiring.
+    let mut rx = ask(&mut sup, Request::Restart { slot: Some(0) }).await;
+    let new0 = last_started(&sup);
+    sup.on_notify_ready(new0).await;
+    assert!(answered(&mut rx).is_ok());
+    // Slot 1's restart is under way: its successor is starting.
+    let mut pending_restart = ask(&mut sup, Request::Restart { slot: Some(1) }).await;
+    let new1 = last_started(&sup);
+    assert!(pending(&mut pending_restart));
+    sup.host_mut().take_calls();
+    sup.begin_shutdown();
+    assert_eq!(
+        error_kind(&answered(&mut pending_restart)),
+        ErrorKind::Failed
+    );
+    let mut termed: Vec<u32> = sup
+        .host()
+        .signals()
+        .into_iter()
+        .filter(|(_, s)| *s == Signal::SIGTERM)
+        .map(|(p, _)| p)
+        .collect();
+    termed.sort_unstable();
+    let mut all = vec![old0, new0, p1, new1];
+    all.sort_unstable();
+    assert_eq!(termed, all);
+    // Requests are refused while stopping; an exit is not respawned.
+    let mut rx = ask(&mut sup, Request::Status).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Failed);
+    sup.host_mut().take_calls();
+    exit(&mut sup, p1, WorkerExit::Code(0)).await;
+    super::advance(&mut sup, Duration::from_secs(1)).await;
+    assert!(
+        !sup.host()
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::Spawn { .. })),
+        "{:?}",
+        sup.host().calls
+    );
+    sup.kill_remaining();
+    let killed: Vec<u32> = sup.host().signals().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        killed.len(),
+        3,
+        "SIGKILL to the three still running: {killed:?}"
+    );
+    assert!(!killed.contains(&p1));
+    for p in [old0, new0, new1] {
+        assert!(sup.workers_left());
+        exit(&mut sup, p, WorkerExit::Signal(9)).await;
+    }
+    assert!(!sup.workers_left());
+    sup.host_mut().take_calls();
+    sup.finish_shutdown();
+    let calls = sup.host().calls.clone();
+    assert_eq!(calls.first(), Some(&Call::Detach));
+    match calls.get(1) {
+        Some(Call::PrintCounters(views)) => {
+            assert_eq!(views.len(), 2);
+            assert!(
+                views.iter().all(|v| v.state == SlotState::Stopped),
+                "{views:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Every occupant shape the table distinguishes.
+fn occupants() -> Vec<(&'static str, Occupant)> {
+    let w = |ready| Worker {
+        pid: 1,
+        generation: Generation(1),
+        since: Instant::now(),
+        ready,
+    };
+    vec![
+        ("vacant", Occupant::Vacant),
+        ("backing-off", Occupant::BackingOff(TimerToken(1))),
+        ("starting", Occupant::Serving(w(false))),
+        ("ready", Occupant::Serving(w(true))),
+        (
+            "successor alone",
+            Occupant::Replacing {
+                old: None,
+                new: w(false),
+            },
+        ),
+        (
+            "starting, replaced",
+            Occupant::Replacing {
+                old: Some(w(false)),
+                new: w(false),
+            },
+        ),
+        (
+            "ready, replaced",
+            Occupant::Replacing {
+                old: Some(w(true)),
+                new: w(false),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn every_slot_shape_maps_to_exactly_one_state() {
+    use SlotState::*;
+    // (occupant, membership) -> state while running and not stalled; then the rules for
+    // stalls and for stopping.
+    let table: [(&str, [SlotState; 3]); 7] = [
+        ("vacant", [Down, Down, Removing]),
+        ("backing-off", [BackingOff, BackingOff, Removing]),
+        ("starting", [Starting, Starting, Removing]),
+        ("ready", [Ready, Draining, Removing]),
+        ("successor alone", [Starting, Starting, Removing]),
+        ("starting, replaced", [Starting, Starting, Removing]),
+        ("ready, replaced", [Ready, Draining, Removing]),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    let mut shapes = 0;
+    for (name, occupant) in occupants() {
+        let row = table
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a row per occupant");
+        let has_worker = name.contains("ready") || name.starts_with("starting");
+        for (m, membership) in [
+            Membership::Active,
+            Membership::Drained,
+            Membership::Removing,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for stalled in [false, true] {
+                for phase in [Phase::Running, Phase::Stopping] {
+                    shapes += 1;
+                    let got = state_of(occupant, membership, stalled, phase);
+                    let expected = match row.1[m] {
+                        Removing => Removing,
+                        _ if stalled && has_worker => Stalled,
+                        Down if phase == Phase::Stopping => Stopped,
+                        s => s,
+                    };
+                    assert_eq!(
+                        got, expected,
+                        "{name}, {membership:?}, stalled {stalled}, {phase:?}"
+                    );
+                    seen.insert(got);
+                }
+            }
+        }
+    }
+    assert_eq!(shapes, 7 * 3 * 2 * 2);
+    for state in SlotState::ALL {
+        assert!(seen.contains(&state), "{state} is never shown");
+        assert_eq!(state.as_str().parse::<SlotState>(), Ok(state));
+        assert_eq!(
+            serde_json::to_string(&state).unwrap(),
+            format!("\"{}\"", state.as_str())
+        );
+    }
+}
