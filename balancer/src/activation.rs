@@ -106,6 +106,9 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
         .env("BALANCER_SLOT", launch.slot.to_string())
         .env("NOTIFY_SOCKET", launch.notify_socket)
         .env_remove("LISTEN_PID")
+        // The manager's watchdog is the controller's, not the worker's.
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         // The controller's stdout is for its own lines (scripts read them); workers log to stderr.
         .stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?))

@@ -13,6 +13,7 @@ pub mod privileges;
 pub mod proc_net;
 pub mod procfs;
 pub mod report;
+pub mod service_manager;
 pub mod socket_group;
 pub mod stall;
 pub mod steering;

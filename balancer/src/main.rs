@@ -15,6 +15,7 @@ use balancer::{
     demo_worker, metrics, policy,
     policy::{build_tables, CpuLayout},
     privileges, report,
+    service_manager::ServiceManager,
     socket_group::SocketGroup,
     steering,
     steering::Steering,
@@ -107,6 +108,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--kill-stalled acts on stalled slots, but --stall-timeout 0 turns stall detection off: give --stall-timeout a duration");
     }
     privileges::check()?;
+    // A bad NOTIFY_SOCKET or WATCHDOG_USEC is the manager's configuration error: say so
+    // before anything is bound.
+    let manager = ServiceManager::from_env()?;
     let command = match args.worker.split_first() {
         Some((program, rest)) => {
             let mut command = vec![activation::resolve_program(program)?.into_os_string()];
@@ -203,6 +207,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             group,
             steering,
             requests,
+            manager,
         )
         .await;
         if let Some(dir) = &pin_dir {

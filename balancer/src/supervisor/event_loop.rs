@@ -11,28 +11,45 @@ use tokio::{
 };
 
 use super::{
-    host::Event, machine::Supervisor, operation::Responder, real_host::RealHost,
+    host::{Event, Host},
+    machine::Supervisor,
+    operation::Responder,
+    real_host::RealHost,
     settings::SupervisorConfig,
 };
 use crate::{
-    control::server::Command, notify::NotifySocket, socket_group::SocketGroup, steering::Steering,
+    control::server::Command, notify::NotifySocket, service_manager::ServiceManager,
+    socket_group::SocketGroup, steering::Steering,
 };
 
 /// After SIGKILL on shutdown, how long to wait for the exits to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the group: starts every worker, supervises them, serves `commands`, and stops the
-/// workers in order on SIGTERM/SIGINT. Returns after every worker has exited.
+/// workers in order on SIGTERM/SIGINT. Returns after every worker has exited. `manager`
+/// hears READY=1, STATUS=, STOPPING=1 and, with a watchdog, WATCHDOG=1 from this loop.
 pub async fn run(
     config: SupervisorConfig,
     group: SocketGroup,
     steering: Steering,
     mut commands: mpsc::Receiver<Command>,
+    manager: ServiceManager,
 ) -> anyhow::Result<()> {
     let notify = NotifySocket::bind().context("creating the NOTIFY_SOCKET for workers")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (command, slots, settings, steer) = config.split();
-    let host = RealHost::new(group, steering, command, notify.env_value().to_owned(), tx);
+    // Without a watchdog the timer never fires: no wake-up is added.
+    let mut watchdog = manager
+        .watchdog_interval()
+        .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let host = RealHost::new(
+        group,
+        steering,
+        command,
+        notify.env_value().to_owned(),
+        tx,
+        manager,
+    );
     let mut tick = tokio::time::interval(settings.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut term = signal(SignalKind::terminate())?;
@@ -65,10 +82,21 @@ pub async fn run(
                 sup.restart_all();
             }
             _ = usr1.recv() => sup.print_report(),
+            _ = tick_watchdog(&mut watchdog) => sup.host_mut().tell_manager("WATCHDOG=1"),
         }
     }
     shutdown(&mut sup, &mut rx).await;
     Ok(())
+}
+
+/// The next watchdog tick; never, without a watchdog.
+async fn tick_watchdog(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// SIGTERM to every worker, SIGKILL after the grace, then waits for the exits (at most

@@ -183,6 +183,9 @@ pub trait Host {
     /// Prints one line on stdout for scripts (`ready: …`).
     fn announce(&mut self, line: &str);
 
+    /// Tells the controller's own service manager (sd_notify `KEY=VALUE` lines), if any.
+    fn tell_manager(&mut self, text: &str);
+
     /// Prints the counters table.
     fn print_counters(&mut self, slots: &[SlotView]);
 

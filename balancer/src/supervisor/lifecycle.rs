@@ -259,6 +259,7 @@ impl<H: Host> Supervisor<H> {
             self.announced_ready = true;
             let line = format!("ready: {} workers", self.slots.len());
             self.host.announce(&line);
+            self.host.tell_manager("READY=1");
         }
     }
 

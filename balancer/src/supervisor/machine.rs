@@ -12,7 +12,10 @@ use super::{
     settings::{Settings, Steer},
     slot::{Ids, Membership, Phase, Slot},
 };
-use crate::policy::{build_tables, weights_void};
+use crate::{
+    control::protocol::PolicyName,
+    policy::{build_tables, weights_void},
+};
 
 /// Supervises the workers of a socket group and serves control requests, through a [`Host`].
 pub struct Supervisor<H: Host> {
@@ -32,6 +35,8 @@ pub struct Supervisor<H: Host> {
     pub(super) sampling_spent: Duration,
     /// The last sample: accept-queue depth per slot, summed over the addresses.
     pub(super) depths: Vec<u32>,
+    /// The last `STATUS=` the service manager was told (sent again only when it changes).
+    pub(super) manager_status: String,
 }
 
 impl<H: Host> Supervisor<H> {
@@ -50,6 +55,7 @@ impl<H: Host> Supervisor<H> {
             started,
             sampling_spent: Duration::ZERO,
             depths: Vec::new(),
+            manager_status: String::new(),
         }
     }
 
@@ -124,6 +130,30 @@ impl<H: Host> Supervisor<H> {
         if let Err(e) = self.host.publish(publish).await {
             // The previous tables stay active; they are valid, just not current.
             error!("publishing the steering tables failed: {e}");
+        }
+        self.tell_manager_status();
+    }
+
+    /// Tells the service manager how many slots take connections, when that changed.
+    pub(super) fn tell_manager_status(&mut self) {
+        let status = match self.phase {
+            Phase::Running => format!(
+                "{} of {} slots live, policy {}",
+                self.slots.iter().filter(|s| s.live()).count(),
+                self.slots.len(),
+                PolicyName::from(self.steer.policy)
+            ),
+            Phase::Stopping => format!(
+                "stopping: {} worker(s) still running",
+                self.slots
+                    .iter()
+                    .map(|s| s.workers().count())
+                    .sum::<usize>()
+            ),
+        };
+        if status != self.manager_status {
+            self.host.tell_manager(&format!("STATUS={status}"));
+            self.manager_status = status;
         }
     }
 

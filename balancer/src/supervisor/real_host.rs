@@ -24,6 +24,7 @@ use crate::{
     affinity,
     policy::CpuLayout,
     report::{self, SlotView},
+    service_manager::ServiceManager,
     socket_group::SocketGroup,
     steering::{AddressCounters, Steering},
 };
@@ -36,19 +37,22 @@ pub struct RealHost {
     notify_env: String,
     fd_names: String,
     events: mpsc::UnboundedSender<Event>,
+    manager: ServiceManager,
 }
 
 impl RealHost {
     /// A host for `group` steered by `steering`, starting `command` as workers that report
-    /// readiness to `notify_env`; events go to `events`.
+    /// readiness to `notify_env`; events go to `events`, and `manager` hears how we are.
     pub fn new(
         group: SocketGroup,
         steering: Steering,
         command: Vec<OsString>,
         notify_env: String,
         events: mpsc::UnboundedSender<Event>,
+        manager: ServiceManager,
     ) -> Self {
         Self {
+            manager,
             fd_names: activation::fd_names(group.addresses.len()),
             group,
             steering,
@@ -239,6 +243,10 @@ impl Host for RealHost {
 
     fn announce(&mut self, line: &str) {
         report::line(line);
+    }
+
+    fn tell_manager(&mut self, text: &str) {
+        self.manager.send(text);
     }
 
     fn print_counters(&mut self, slots: &[SlotView]) {

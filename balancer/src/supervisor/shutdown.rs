@@ -25,7 +25,9 @@ impl<H: Host> Supervisor<H> {
                 s.occupant = Occupant::Vacant;
             }
         }
+        self.host.tell_manager("STOPPING=1");
         self.signal_all(Signal::SIGTERM);
+        self.tell_manager_status();
     }
 
     /// SIGKILL to every worker still running after the grace.

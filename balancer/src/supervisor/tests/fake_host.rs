@@ -78,6 +78,9 @@ pub struct FakeHost {
     pub depths: Vec<u32>,
     /// Connections the migrate program moved, as the counters show.
     pub migrated: u64,
+    /// What the service manager was told, in order (kept apart from `calls`, which are the
+    /// effects on workers, sockets and maps).
+    pub manager: Vec<String>,
     /// How many queued connections the next shrink migrates (closing sockets moves them).
     pub migrate_on_shrink: u64,
     next_pid: u32,
@@ -95,6 +98,7 @@ impl FakeHost {
             depths: vec![0; slots as usize],
             migrated: 0,
             migrate_on_shrink: 0,
+            manager: Vec::new(),
             next_pid: 1000,
         }
     }
@@ -260,6 +264,10 @@ impl Host for FakeHost {
 
     fn announce(&mut self, line: &str) {
         self.calls.push(Call::Announce(line.to_owned()));
+    }
+
+    fn tell_manager(&mut self, text: &str) {
+        self.manager.push(text.to_owned());
     }
 
     fn print_counters(&mut self, slots: &[SlotView]) {

@@ -208,3 +208,45 @@ async fn a_replaced_worker_gets_sigterm_then_sigkill_only_after_the_grace() {
     assert_eq!(sup.host().signals(), [(new, Signal::SIGTERM)]);
     assert!(sup.slots[0].retiring.is_empty());
 }
+
+#[tokio::test]
+async fn the_service_manager_hears_ready_once_status_changes_and_stopping() {
+    let mut sup = started_with(2, settings());
+    assert!(!sup.host().manager.iter().any(|m| m == "READY=1"));
+    let p0 = pid(&sup, 0);
+    sup.on_notify_ready(p0).await;
+    assert!(
+        !sup.host().manager.iter().any(|m| m == "READY=1"),
+        "not before every worker is ready"
+    );
+    let p1 = pid(&sup, 1);
+    sup.on_notify_ready(p1).await;
+    assert_eq!(
+        sup.host().manager,
+        [
+            "STATUS=1 of 2 slots live, policy hash",
+            "STATUS=2 of 2 slots live, policy hash",
+            "READY=1"
+        ]
+    );
+    // A death and a respawn change the status, never READY=1 again.
+    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    advance(&mut sup, Duration::from_millis(100)).await;
+    let p0 = last_started(&sup);
+    sup.on_notify_ready(p0).await;
+    let manager = &sup.host().manager;
+    assert_eq!(manager.iter().filter(|m| *m == "READY=1").count(), 1);
+    assert_eq!(
+        manager[3..],
+        [
+            "STATUS=1 of 2 slots live, policy hash",
+            "STATUS=2 of 2 slots live, policy hash"
+        ]
+    );
+    sup.host_mut().manager.clear();
+    sup.begin_shutdown();
+    assert_eq!(
+        sup.host().manager,
+        ["STOPPING=1", "STATUS=stopping: 2 worker(s) still running"]
+    );
+}
