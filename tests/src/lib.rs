@@ -14,6 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use balancer::control::protocol::{
+    ErrorKind, ErrorReply, PolicyName, PolicyReport, SlotState, SlotStatus, StatusReport,
+};
+
 /// How long a balancer may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub use balancer_bench::client::{
@@ -288,12 +292,48 @@ impl Balancer {
         run_to_end(&all, |_| {})
     }
 
-    /// `balancer status --json`, parsed.
-    pub fn status(&self) -> serde_json::Value {
-        let f = self.cli(&["status", "--json"]);
-        assert!(f.status.success(), "status failed: {}", f.stderr);
-        serde_json::from_str(&f.stdout)
-            .unwrap_or_else(|e| panic!("status --json: {e}: {}", f.stdout))
+    /// `balancer status --json`, as the library's typed report. Panics with the text when it
+    /// does not parse.
+    pub fn status(&self) -> StatusReport {
+        self.json(&["status", "--json"])
+    }
+
+    /// `balancer policy --json`, as the library's typed report. Panics with the text when it
+    /// does not parse.
+    pub fn policy(&self) -> PolicyReport {
+        self.json(&["policy", "--json"])
+    }
+
+    /// Runs a CLI command that must succeed and print JSON of type `T`.
+    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let f = self.cli(args);
+        assert!(f.status.success(), "{args:?} failed: {}", f.stderr);
+        serde_json::from_str(&f.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} does not print a {}: {e}:\n{}",
+                std::any::type_name::<T>(),
+                f.stdout
+            )
+        })
+    }
+
+    /// Runs a control command with `--json` that the controller must refuse; returns its
+    /// typed error (the CLI prints `{"error": KIND, "message": …}` and exits non-zero).
+    pub fn cli_error(&self, args: &[&str]) -> ErrorReply {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let f = self.cli(&all);
+        assert!(
+            !f.status.success(),
+            "{args:?} must fail, but succeeded: {}",
+            f.stdout
+        );
+        parse_cli_error(&f.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: {e}\nstdout:\n{}\nstderr:\n{}",
+                f.stdout, f.stderr
+            )
+        })
     }
 
     /// The stdout lines read so far.
@@ -455,6 +495,21 @@ pub fn run_to_end(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Finished 
     }
 }
 
+/// The CLI's `--json` error output: `{"error": KIND, "message": TEXT}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliError {
+    error: ErrorKind,
+    message: String,
+}
+
+/// Parses what the CLI prints on stdout when the controller refused a `--json` command.
+pub fn parse_cli_error(stdout: &str) -> Result<ErrorReply, String> {
+    let e: CliError = serde_json::from_str(stdout)
+        .map_err(|e| format!("not a `--json` error reply ({e}): {stdout:?}"))?;
+    Ok(ErrorReply::new(e.error, e.message))
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -495,5 +550,17 @@ mod tests {
         assert_eq!(rows[0].pid, None);
         assert_eq!(rows[0].selected(), 18);
         assert_eq!(rows[0].select_errors, 8);
+    }
+
+    #[test]
+    fn cli_errors_parse_into_typed_replies() {
+        let e =
+            parse_cli_error(r#"{"error":"permission-denied","message":"uid 7 may not"}"#).unwrap();
+        assert_eq!(
+            e,
+            ErrorReply::new(ErrorKind::PermissionDenied, "uid 7 may not")
+        );
+        assert!(parse_cli_error(r#"{"error":"nonsense","message":""}"#).is_err());
+        assert!(parse_cli_error("").is_err());
     }
 }
