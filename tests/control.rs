@@ -463,9 +463,13 @@ fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
     let after = b.status();
     assert_eq!(pids(&after), before);
     assert!(all_ready(&after, 2), "{after:?}");
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success());
-    assert!(rows.iter().all(|r| r.select_errors == 0), "{rows:?}");
+    assert_eq!(report.rows.len(), 2, "{report:?}");
+    assert!(
+        report.rows.iter().all(|r| r.counters.select_error == 0),
+        "{report:?}"
+    );
     let _ = std::fs::remove_file(&flag);
     let _ = std::fs::remove_file(&script);
 }

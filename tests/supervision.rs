@@ -11,6 +11,7 @@ use std::{
 
 use balancer_tests::{
     balancer_bin, get, online_cpus, pin_thread, read_answer, send_request, wait_gone, Balancer,
+    SlotState,
 };
 
 fn kill(pid: u32, sig: libc::c_int) {
@@ -119,18 +120,33 @@ fn sigkill_of_a_worker_loses_no_connection() {
     }
     assert!(during.iter().all(|a| a.pid != old_pid));
 
-    let rows = b.report();
-    let victim = rows.iter().find(|r| r.slot == victim_slot).unwrap();
+    let status = b.status();
+    assert_eq!(status.slots.len(), n, "{status:?}");
+    let victim = &status.slots[victim_slot as usize];
+    assert_eq!(victim.slot, victim_slot, "{victim:?}");
     assert_eq!(victim.restarts, 1, "{victim:?}");
-    assert_eq!(victim.pid, Some(successor));
-    assert_eq!(victim.state, "ready");
+    assert_eq!(victim.pid, Some(successor), "{victim:?}");
+    assert_eq!(victim.state, SlotState::Ready, "{victim:?}");
+    // The SIGUSR1 table of the running controller says the same.
+    let table = b.report();
+    assert_eq!(table.rows.len(), n, "{table:?}");
+    let row = &table.rows[victim_slot as usize];
+    assert_eq!(
+        (row.slot, row.pid, row.state, row.restarts),
+        (victim_slot, Some(successor), SlotState::Ready, 1),
+        "{table:?}"
+    );
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = steady {
         t.join().unwrap();
     }
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success());
-    assert!(rows.iter().all(|r| r.select_errors == 0), "{rows:?}");
+    assert_eq!(report.rows.len(), n, "{report:?}");
+    assert!(
+        report.rows.iter().all(|r| r.counters.select_error == 0),
+        "{report:?}"
+    );
     assert_eq!(failed.load(Ordering::Relaxed), 0, "steady client failures");
     println!(
         "killed worker {old_pid}: {} queued + {} later connections answered, steady client {} ok / {} failed",
@@ -180,9 +196,16 @@ fn serving_pids(b: &Balancer, n: usize) -> Vec<u32> {
 fn sigterm_stops_every_worker_and_exits_zero() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let pids = serving_pids(&b, 2);
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success(), "{status}");
-    assert!(rows.iter().all(|r| r.state == "stopped"), "{rows:?}");
+    assert_eq!(report.rows.len(), 2, "{report:?}");
+    assert!(
+        report
+            .rows
+            .iter()
+            .all(|r| r.state == SlotState::Stopped && r.pid.is_none()),
+        "{report:?}"
+    );
     for pid in pids {
         assert!(
             wait_gone(pid, Duration::from_secs(2)),
@@ -251,13 +274,13 @@ fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
     ]);
     let started = Instant::now();
     let log_before = b.stderr();
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success(), "{status}");
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "waited the grace"
     );
-    assert_eq!(rows[0].state, "stopped");
+    assert_eq!(report.rows[0].state, SlotState::Stopped);
     assert!(!log_before.contains("SIGKILL"));
 }
 
