@@ -510,8 +510,14 @@ impl Balancer {
     }
 
     /// Like [`Balancer::stop`], also returning everything the controller logged.
-    pub fn stop_with_log(mut self) -> (ExitStatus, Report, String) {
+    pub fn stop_with_log(self) -> (ExitStatus, Report, String) {
         self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits (20 s at most) for a controller that was told to stop to exit; returns the exit
+    /// status, the final counters table (which it must have printed) and everything it logged.
+    pub fn wait_exit(mut self) -> (ExitStatus, Report, String) {
         let status = wait_timeout(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
             panic!(
                 "balancer did not exit on SIGTERM; stderr:\n{}",
