@@ -655,6 +655,7 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 fn the_control_socket_answers_bad_requests_and_stays_up_unchanged() {
     let b = Balancer::start(&["--workers", "2"]);
     let before = b.status();
+    assert_eq!(before.slots.len(), 2, "{before:?}");
     let policy_before = b.policy();
     for (bytes, kind) in [
         (
@@ -735,6 +736,7 @@ fn a_peer_of_another_uid_may_not_change_anything() {
         parse_cli_error(&out).unwrap_or_else(|e| panic!("{args:?}: {e}\n{err}"))
     };
     let before = b.status();
+    assert_eq!(before.slots.len(), 2, "{before:?}");
     let policy_before = b.policy();
     // Mode 0600: the socket itself keeps other users out. The CLI cannot connect, so there is
     // no reply and no kind: its message must name the cause and the fix.
@@ -756,6 +758,7 @@ fn a_peer_of_another_uid_may_not_change_anything() {
     assert_eq!(pids(&seen), pids(&before));
     let status = b.status();
     assert_eq!(status.policy, PolicyName::Cpu);
+    assert_eq!(status.slots.len(), 2, "{status:?}");
     assert_eq!(
         pids(&status),
         pids(&before),

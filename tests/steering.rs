@@ -128,6 +128,7 @@ fn ipv6_and_two_listen_addresses_share_the_slots() {
         "--workers",
         "2",
     ]);
+    assert_eq!(b.addrs.len(), 2, "{:?}", b.addrs);
     assert!(
         b.addrs[0].is_ipv6() && b.addrs[1].is_ipv4(),
         "{:?}",
