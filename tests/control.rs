@@ -12,13 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use balancer::control::protocol::{decode_reply, Reply};
 use balancer_common::{maps, PROGRAM_SELECT};
 use balancer_tests::{
-    alive, balancer_bin, get, online_cpus, parse_cpu_list, pin_thread, pinned_dir, read_answer,
-    run_to_end, scratch_dir, send_request, two_or_more_cpus, unique_path, wait_gone, Answer,
-    Balancer, BpfFs, IO_TIMEOUT,
+    alive, balancer_bin, get, online_cpus, parse_cli_error, parse_cpu_list, pin_thread, pinned_dir,
+    read_answer, run_to_end, scratch_dir, send_request, two_or_more_cpus, unique_path, wait_gone,
+    Answer, Balancer, BpfFs, ErrorKind, ErrorReply, PolicyName, SlotState, SlotStatus,
+    StatusReport, IO_TIMEOUT,
 };
-use serde_json::Value;
 
 /// Answers each client thread gets in a phase before the test moves on.
 const PHASE_ANSWERS: u64 = 100;
@@ -128,22 +129,30 @@ fn ok(f: &balancer_tests::Finished) -> &str {
     &f.stdout
 }
 
-fn pids(status: &Value) -> Vec<u64> {
-    status["slots"]
-        .as_array()
-        .unwrap()
+/// Every slot's worker pid, in slot order; panics when a slot has none.
+fn pids(status: &StatusReport) -> Vec<u32> {
+    worker_pids(&status.slots)
+}
+
+/// The worker pids of `slots`, in order; panics when a slot has none.
+fn worker_pids(slots: &[SlotStatus]) -> Vec<u32> {
+    slots
         .iter()
-        .map(|s| s["pid"].as_u64().expect("every slot has a worker"))
+        .map(|s| {
+            s.pid
+                .unwrap_or_else(|| panic!("slot {} has no worker: {slots:?}", s.slot))
+        })
         .collect()
 }
 
-fn sum(status: &Value, field: &str) -> u64 {
-    status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s[field].as_u64().unwrap())
-        .sum()
+/// A counter summed over every slot.
+fn sum(status: &StatusReport, field: impl Fn(&SlotStatus) -> u64) -> u64 {
+    status.slots.iter().map(field).sum()
+}
+
+/// Whether the status has exactly `n` slots, all ready.
+fn all_ready(status: &StatusReport, n: usize) -> bool {
+    status.slots.len() == n && status.slots.iter().all(|s| s.state == SlotState::Ready)
 }
 
 #[test]
@@ -172,6 +181,7 @@ fn policy_switches_under_load_lose_nothing_and_take_effect() {
     load.wait_answers(PHASE_ANSWERS);
     let (answers, failed) = load.finish();
     assert_eq!(failed, 0, "connections failed across the policy switches");
+    assert_eq!(answers.len(), n, "one client per CPU");
     for (pos, per_cpu) in answers.iter().enumerate() {
         let in_phase = |p: u32| -> Vec<&Answer> {
             per_cpu
@@ -198,9 +208,12 @@ fn policy_switches_under_load_lose_nothing_and_take_effect() {
         );
     }
     let status = b.status();
-    assert_eq!(status["policy"], "cpu");
-    assert!(sum(&status, "by_hash") > 0 && sum(&status, "by_cpu") > 0);
-    assert_eq!(sum(&status, "select_errors"), 0);
+    assert_eq!(status.policy, PolicyName::Cpu);
+    assert!(
+        sum(&status, |s| s.by_hash) > 0 && sum(&status, |s| s.by_cpu) > 0,
+        "{status:?}"
+    );
+    assert_eq!(sum(&status, |s| s.select_errors), 0, "{status:?}");
     println!("policy switches: {latencies:?}");
 }
 
@@ -209,11 +222,10 @@ fn weights_1_to_3_give_shares_of_25_and_75_percent() {
     const CONNS: usize = 4000;
     let b = Balancer::start(&["--workers", "2", "--policy", "cpu"]);
     ok(&b.cli(&["policy", "set", "hash", "--weights", "1,3"]));
-    let policy: Value = serde_json::from_str(ok(&b.cli(&["policy", "--json"]))).unwrap();
-    assert_eq!(
-        policy["hash_buckets"],
-        serde_json::json!([[0, 256], [1, 768]])
-    );
+    let policy = b.policy();
+    assert_eq!(policy.policy, PolicyName::Hash);
+    assert_eq!(policy.weights, Some(vec![1, 3]));
+    assert_eq!(policy.hash_buckets, [(0, 256), (1, 768)], "{policy:?}");
     let mut seen = [0usize; 2];
     for _ in 0..CONNS {
         seen[get(b.addrs[0]).unwrap().slot as usize] += 1;
@@ -225,26 +237,20 @@ fn weights_1_to_3_give_shares_of_25_and_75_percent() {
         "slot 0 got {:.1} %: {seen:?}",
         share * 100.0
     );
-    // Bad weights are refused and change nothing.
-    let f = b.cli(&["policy", "set", "hash", "--weights", "1,2,3"]);
-    assert!(
-        !f.status.success() && f.stderr.contains("3 weights for 2 slots"),
-        "{}",
-        f.stderr
-    );
-    let f = b.cli(&["policy", "set", "cpu", "--weights", "1,3"]);
-    assert!(
-        !f.status.success() && f.stderr.contains("hash"),
-        "{}",
-        f.stderr
-    );
-    let f = b.cli(&["policy", "set", "hash", "--weights", "0,0"]);
-    assert!(
-        !f.status.success() && f.stderr.contains("every weight is 0"),
-        "{}",
-        f.stderr
-    );
-    assert_eq!(b.status()["weights"], serde_json::json!([1, 3]));
+    // Bad weights are refused as invalid (each request has one thing wrong with it) and
+    // change nothing.
+    for weights in [
+        &["hash", "--weights", "1,2,3"][..],
+        &["cpu", "--weights", "1,3"],
+        &["hash", "--weights", "0,0"],
+    ] {
+        let mut args = vec!["policy", "set"];
+        args.extend_from_slice(weights);
+        let e = b.cli_error(&args);
+        assert_eq!(e.kind, ErrorKind::Invalid, "{args:?}: {e:?}");
+        assert_eq!(b.policy(), policy, "{args:?} changed the policy");
+    }
+    assert_eq!(b.status().weights, Some(vec![1, 3]));
     println!("weights 1:3 over {CONNS} connections: {seen:?}");
 }
 
@@ -252,6 +258,7 @@ fn weights_1_to_3_give_shares_of_25_and_75_percent() {
 fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let before = pids(&b.status());
+    assert_eq!(before.len(), 2);
     let phase = Arc::new(AtomicU32::new(0));
     let load = Load::start(b.addrs[0], &[None, None], phase.clone());
     load.wait_answers(PHASE_ANSWERS);
@@ -261,7 +268,7 @@ fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
     // worker may still take a connection until it handles the signal.
     for old in &before {
         assert!(
-            wait_gone(*old as u32, Duration::from_secs(10)),
+            wait_gone(*old, Duration::from_secs(10)),
             "old worker {old} still runs"
         );
     }
@@ -270,6 +277,7 @@ fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
     let (answers, failed) = load.finish();
     assert_eq!(failed, 0, "connections failed during the rolling restart");
     let after = pids(&b.status());
+    assert_eq!(after.len(), before.len(), "{before:?} -> {after:?}");
     for (old, new) in before.iter().zip(&after) {
         assert_ne!(old, new, "every pid changes: {before:?} -> {after:?}");
         assert!(out.contains(&format!("{old} -> {new}")), "{out}");
@@ -280,16 +288,20 @@ fn rolling_restart_under_load_replaces_every_worker_and_loses_nothing() {
         .filter(|(a, _, _)| *a == 1)
         .map(|(_, _, x)| x.pid)
         .collect();
+    assert!(!late.is_empty(), "answers after the restart");
     assert!(
-        late.iter().all(|p| after.contains(&u64::from(*p))),
+        late.iter().all(|p| after.contains(p)),
         "{late:?} vs {after:?}"
     );
     let status = b.status();
-    assert!(status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["restarts"] == 1 && s["state"] == "ready"));
+    assert_eq!(status.slots.len(), 2, "{status:?}");
+    assert!(
+        status
+            .slots
+            .iter()
+            .all(|s| s.restarts == 1 && s.state == SlotState::Ready),
+        "{status:?}"
+    );
     println!("rolling restart under load: {out}");
 }
 
@@ -323,25 +335,26 @@ fn refusable_group() -> (Balancer, std::path::PathBuf, std::path::PathBuf) {
 fn a_new_worker_that_never_becomes_ready_leaves_the_old_one_serving() {
     let (b, flag, script) = refusable_group();
     let before = pids(&b.status());
+    assert_eq!(before.len(), 2);
     std::fs::write(&flag, "").unwrap();
-    let f = b.cli(&["workers", "restart", "--slot", "0"]);
-    assert!(!f.status.success(), "the restart must fail: {}", f.stdout);
+    let e = b.cli_error(&["workers", "restart", "--slot", "0"]);
+    assert_eq!(e.kind, ErrorKind::Failed, "{e:?}");
+    // No kind tells why a change failed: the message must name the cause.
     assert!(
-        f.stderr
-            .contains("exited with status 3 before it was ready")
-            && f.stderr
-                .contains(&format!("the old worker (pid {}) keeps serving", before[0])),
-        "{}",
-        f.stderr
+        e.message
+            .contains("exited with status 3 before it was ready"),
+        "{e:?}"
     );
+    // The old worker keeps serving: the same pids, ready, and slot 0 answered by it.
     let after = b.status();
     assert_eq!(pids(&after), before);
-    assert_eq!(after["slots"][0]["state"], "ready");
+    assert!(all_ready(&after, 2), "{after:?}");
+    assert_eq!(after.slots[0].restarts, 0, "{after:?}");
     let slot0: Vec<Answer> = (0..200)
         .map(|_| get(b.addrs[0]).unwrap())
         .filter(|a| a.slot == 0)
         .collect();
-    assert!(!slot0.is_empty() && slot0.iter().all(|a| u64::from(a.pid) == before[0]));
+    assert!(!slot0.is_empty() && slot0.iter().all(|a| a.pid == before[0]));
     let _ = std::fs::remove_file(&flag);
     let _ = std::fs::remove_file(&script);
 }
@@ -371,10 +384,9 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
     let mut conns: Vec<_> = (0..QUEUED)
         .map(|i| send_request(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
         .collect();
-    let queued_before = b.status()["slots"].as_array().unwrap()[2..]
-        .iter()
-        .map(|s| s["queue"].as_u64().unwrap())
-        .sum::<u64>();
+    let status = b.status();
+    assert_eq!(status.slots.len(), 4, "{status:?}");
+    let queued_before: u64 = status.slots[2..].iter().map(|s| u64::from(s.queue)).sum();
     let control = b.control.clone();
     let scaler = thread::spawn(move || {
         run_to_end(
@@ -403,18 +415,18 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
         .collect();
     assert_eq!(answers.len(), QUEUED + DURING);
     let status = b.status();
-    assert_eq!(status["slots"].as_array().unwrap().len(), 2);
-    let migrated = sum(&status, "migrated");
+    assert_eq!(status.slots.len(), 2, "{status:?}");
+    let migrated = sum(&status, |s| s.migrated);
     assert!(queued_before > 0, "the removed slots had a queue");
     assert!(
         migrated > 0,
-        "the migrate program moved the closing sockets' queues: {status}"
+        "the migrate program moved the closing sockets' queues: {status:?}"
     );
     assert!(
         out.contains(&format!("{migrated} queued connection(s) moved")),
         "{out}"
     );
-    assert_eq!(sum(&status, "select_errors"), 0);
+    assert_eq!(sum(&status, |s| s.select_errors), 0, "{status:?}");
     println!(
         "scale 4 -> 2: {} connections, 0 lost, {queued_before} queued on the removed slots at the start, {migrated} migrated",
         answers.len()
@@ -427,40 +439,43 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
 fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
     let (b, flag, script) = refusable_group();
     let before = pids(&b.status());
+    assert_eq!(before.len(), 2);
     std::fs::write(&flag, "").unwrap();
-    let f = b.cli(&["workers", "scale", "3"]);
-    assert!(!f.status.success(), "the scale-up must fail: {}", f.stdout);
+    let e = b.cli_error(&["workers", "scale", "3"]);
+    assert_eq!(e.kind, ErrorKind::Failed, "{e:?}");
+    // No kind tells why a change failed: the message must name the slot and the cause.
     assert!(
-        f.stderr.contains("slot 2 is not ready") && f.stderr.contains("exited with status 3"),
-        "{}",
-        f.stderr
+        e.message.contains("slot 2 is not ready") && e.message.contains("exited with status 3"),
+        "{e:?}"
     );
+    // Slot 2 exists but is not ready (its worker keeps refusing); the old slots are untouched.
+    let status = b.status();
+    assert_eq!(status.slots.len(), 3, "{status:?}");
+    assert_ne!(status.slots[2].state, SlotState::Ready, "{status:?}");
+    assert_eq!(worker_pids(&status.slots[..2]), before, "{status:?}");
     // The failing slot is out of the tables: every connection still reaches the old workers.
     for _ in 0..200 {
         let a = get(b.addrs[0]).unwrap();
-        assert!(before.contains(&u64::from(a.pid)), "{a:?}");
+        assert!(before.contains(&a.pid), "{a:?}");
     }
     let out = ok(&b.cli(&["workers", "scale", "2"])).to_owned();
     assert!(out.contains("scaled 3 -> 2 workers"), "{out}");
     let after = b.status();
     assert_eq!(pids(&after), before);
-    assert!(
-        after["slots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["state"] == "ready"),
-        "{after}"
-    );
-    let (status, rows) = b.stop();
+    assert!(all_ready(&after, 2), "{after:?}");
+    let (status, report) = b.stop();
     assert!(status.success());
-    assert!(rows.iter().all(|r| r.select_errors == 0), "{rows:?}");
+    assert_eq!(report.rows.len(), 2, "{report:?}");
+    assert!(
+        report.rows.iter().all(|r| r.counters.select_error == 0),
+        "{report:?}"
+    );
     let _ = std::fs::remove_file(&flag);
     let _ = std::fs::remove_file(&script);
 }
 
 /// The CPUs allowed to every thread of every process in process group `pgid`, by thread id.
-fn group_affinity(pgid: u64) -> Vec<(u32, Vec<u32>)> {
+fn group_affinity(pgid: u32) -> Vec<(u32, Vec<u32>)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -469,7 +484,7 @@ fn group_affinity(pgid: u64) -> Vec<(u32, Vec<u32>)> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let pgrp: Option<u64> = stat[stat.rfind(')').unwrap() + 1..]
+        let pgrp: Option<u32> = stat[stat.rfind(')').unwrap() + 1..]
             .split_whitespace()
             .nth(2)
             .and_then(|f| f.parse().ok());
@@ -496,7 +511,7 @@ fn group_affinity(pgid: u64) -> Vec<(u32, Vec<u32>)> {
 
 /// Asserts that every thread of the worker's process group, its forked child included, may
 /// run exactly on `cpus`.
-fn assert_pinned(pgid: u64, cpus: &[u32], when: &str) {
+fn assert_pinned(pgid: u32, cpus: &[u32], when: &str) {
     let threads = group_affinity(pgid);
     // The worker's own threads plus the `sleep` it forked.
     assert!(threads.len() >= 2, "{when}: {threads:?}");
@@ -531,11 +546,7 @@ fn a_scale_repins_the_running_workers_and_their_children() {
     ok(&b.cli(&["workers", "scale", "1"]));
     let status = b.status();
     assert_eq!(pids(&status), vec![slot0], "the same worker stays");
-    assert_eq!(
-        status["slots"][0]["cpus"],
-        serde_json::json!(cpus),
-        "{status}"
-    );
+    assert_eq!(status.slots[0].cpus, cpus, "{status:?}");
     assert_pinned(slot0, &cpus, "after scaling to one worker");
     // Every CPU's connections now reach it.
     let addr = b.addrs[0];
@@ -546,11 +557,12 @@ fn a_scale_repins_the_running_workers_and_their_children() {
         })
         .join()
         .unwrap();
-        assert_eq!((u64::from(a.pid), a.cpu), (slot0, cpu));
+        assert_eq!((a.pid, a.cpu), (slot0, cpu));
     }
 
     ok(&b.cli(&["workers", "scale", &n]));
     let after = pids(&b.status());
+    assert_eq!(after.len(), cpus.len(), "{after:?}");
     assert_eq!(after[0], slot0);
     assert_pinned(slot0, &cpus[..1], "after scaling back");
     assert_pinned(after[1], &cpus[1..2], "a new slot's worker");
@@ -564,9 +576,7 @@ fn scale_up_new_slots_take_traffic_once_ready() {
     let out = ok(&b.cli(&["workers", "scale", "4"])).to_owned();
     assert!(out.contains("scaled to 4 workers"), "{out}");
     let status = b.status();
-    let slots = status["slots"].as_array().unwrap();
-    assert_eq!(slots.len(), 4);
-    assert!(slots.iter().all(|s| s["state"] == "ready"), "{status}");
+    assert!(all_ready(&status, 4), "{status:?}");
     let mut seen = [0u32; 4];
     for _ in 0..800 {
         seen[get(b.addrs[0]).unwrap().slot as usize] += 1;
@@ -582,7 +592,10 @@ fn a_drained_slot_gets_nothing_new_while_its_worker_stays_up() {
     let worker1 = pids(&b.status())[1];
     ok(&b.cli(&["drain", "--slot", "1"]));
     let status = b.status();
-    assert_eq!(status["slots"][1]["state"], "draining");
+    assert_eq!(status.slots.len(), 2, "{status:?}");
+    assert_eq!(status.slots[0].state, SlotState::Ready, "{status:?}");
+    assert_eq!(status.slots[1].state, SlotState::Draining, "{status:?}");
+    assert_eq!(b.policy().live, [0], "only slot 0 is in the tables");
     for _ in 0..400 {
         assert_eq!(
             get(b.addrs[0]).unwrap().slot,
@@ -590,32 +603,27 @@ fn a_drained_slot_gets_nothing_new_while_its_worker_stays_up() {
             "a drained slot takes no new connection"
         );
     }
-    assert!(
-        alive(worker1 as u32),
-        "the drained slot's worker keeps running"
-    );
-    let f = b.cli(&["drain", "--slot", "0"]);
-    assert!(
-        !f.status.success() && f.stderr.contains("would leave no slot"),
-        "{}",
-        f.stderr
-    );
-    let f = b.cli(&["drain", "--slot", "7"]);
-    assert!(
-        !f.status.success() && f.stderr.contains("there is no slot 7"),
-        "{}",
-        f.stderr
-    );
+    assert!(alive(worker1), "the drained slot's worker keeps running");
+    // Draining the last live slot, or a slot that does not exist, is invalid and changes
+    // nothing.
+    for slot in ["0", "7"] {
+        let e = b.cli_error(&["drain", "--slot", slot]);
+        assert_eq!(e.kind, ErrorKind::Invalid, "drain --slot {slot}: {e:?}");
+        assert_eq!(
+            b.policy().live,
+            [0],
+            "drain --slot {slot} changed the tables"
+        );
+    }
     ok(&b.cli(&["undrain", "--slot", "1"]));
     // Scaling down to drained slots only would leave nothing taking connections: refused.
     ok(&b.cli(&["drain", "--slot", "0"]));
-    let f = b.cli(&["workers", "scale", "1"]);
-    assert!(
-        !f.status.success() && f.stderr.contains("would leave no slot"),
-        "{}",
-        f.stderr
-    );
-    assert_eq!(b.status()["slots"].as_array().unwrap().len(), 2);
+    let e = b.cli_error(&["workers", "scale", "1"]);
+    assert_eq!(e.kind, ErrorKind::Invalid, "{e:?}");
+    let status = b.status();
+    assert_eq!(status.slots.len(), 2, "{status:?}");
+    assert_eq!(status.slots[0].state, SlotState::Draining, "{status:?}");
+    assert_eq!(status.slots[1].state, SlotState::Ready, "{status:?}");
     ok(&b.cli(&["undrain", "--slot", "0"]));
     let back = (0..400)
         .filter(|_| get(b.addrs[0]).unwrap().slot == 1)
@@ -624,7 +632,9 @@ fn a_drained_slot_gets_nothing_new_while_its_worker_stays_up() {
     assert_eq!(pids(&b.status())[1], worker1);
 }
 
-fn raw_exchange(path: &std::path::Path, bytes: &[u8]) -> Value {
+/// Sends raw bytes on a new connection to the control socket; returns the one reply frame,
+/// decoded by the library.
+fn raw_exchange(path: &std::path::Path, bytes: &[u8]) -> Result<Reply, ErrorReply> {
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.write_all(bytes).unwrap();
@@ -632,7 +642,7 @@ fn raw_exchange(path: &std::path::Path, bytes: &[u8]) -> Value {
     s.read_exact(&mut len).unwrap();
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     s.read_exact(&mut body).unwrap();
-    serde_json::from_slice(&body).unwrap()
+    decode_reply(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -645,36 +655,49 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 fn the_control_socket_answers_bad_requests_and_stays_up_unchanged() {
     let b = Balancer::start(&["--workers", "2"]);
     let before = b.status();
+    assert_eq!(before.slots.len(), 2, "{before:?}");
+    let policy_before = b.policy();
     for (bytes, kind) in [
-        (b"this is not a frame at all\n".to_vec(), "too-large"),
-        ((1u32 << 30).to_be_bytes().to_vec(), "too-large"),
-        (frame(b"{{{ not json"), "malformed"),
+        (
+            b"this is not a frame at all\n".to_vec(),
+            ErrorKind::TooLarge,
+        ),
+        ((1u32 << 30).to_be_bytes().to_vec(), ErrorKind::TooLarge),
+        (frame(b"{{{ not json"), ErrorKind::Malformed),
         (
             frame(br#"{"version":1,"request":{"type":"explode"}}"#),
-            "unknown-request",
+            ErrorKind::UnknownRequest,
         ),
         (
             frame(br#"{"version":7,"request":{"type":"status"}}"#),
-            "wrong-version",
+            ErrorKind::WrongVersion,
         ),
         (
             frame(br#"{"version":1,"request":{"type":"scale","workers":"lots"}}"#),
-            "unknown-request",
+            ErrorKind::UnknownRequest,
         ),
     ] {
-        let reply = raw_exchange(&b.control, &bytes);
-        assert_eq!(reply["error"]["kind"], kind, "{reply}");
-        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
+        match raw_exchange(&b.control, &bytes) {
+            Err(e) => {
+                assert_eq!(e.kind, kind, "{e:?}");
+                assert!(!e.message.is_empty(), "{e:?}");
+            }
+            Ok(reply) => panic!("expected a {kind:?} error, got {reply:?}"),
+        }
     }
     // A good request on the same kind of connection still works.
-    let reply = raw_exchange(
+    match raw_exchange(
         &b.control,
         &frame(br#"{"version":1,"request":{"type":"policy"}}"#),
-    );
-    assert_eq!(reply["ok"]["policy"], "cpu", "{reply}");
+    ) {
+        Ok(Reply::Policy(p)) => assert_eq!(p, policy_before),
+        other => panic!("expected the policy, got {other:?}"),
+    }
     let after = b.status();
     assert_eq!(pids(&after), pids(&before));
-    assert_eq!(after["policy"], before["policy"]);
+    assert_eq!(after.policy, PolicyName::Cpu);
+    assert_eq!(after.policy, before.policy);
+    assert_eq!(b.policy(), policy_before);
     let mode = std::fs::metadata(&b.control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
@@ -696,32 +719,52 @@ fn a_peer_of_another_uid_may_not_change_anything() {
             .args(args)
             .arg("--control")
             .arg(&b.control)
+            .arg("--json")
             .uid(NOBODY)
             .gid(NOBODY)
             .output()
             .unwrap();
         (
             out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    // Mode 0600: the socket itself keeps other users out.
-    let (success, err) = as_nobody(&["policy", "set", "hash"]);
+    let refused = |args: &[&str]| -> ErrorReply {
+        let (success, out, err) = as_nobody(args);
+        assert!(!success, "{args:?} as uid {NOBODY} must fail: {out}");
+        parse_cli_error(&out).unwrap_or_else(|e| panic!("{args:?}: {e}\n{err}"))
+    };
+    let before = b.status();
+    assert_eq!(before.slots.len(), 2, "{before:?}");
+    let policy_before = b.policy();
+    // Mode 0600: the socket itself keeps other users out. The CLI cannot connect, so there is
+    // no reply and no kind: its message must name the cause and the fix.
+    let (success, out, err) = as_nobody(&["policy", "set", "hash"]);
     assert!(!success && err.contains("permission denied"), "{err}");
+    assert!(err.contains("run as root"), "{err}");
+    assert!(out.is_empty(), "no reply to print: {out}");
     // Opened up by an operator: the controller still checks SO_PEERCRED on every change.
     std::fs::set_permissions(&b.control, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let (success, err) = as_nobody(&["policy", "set", "hash"]);
-    assert!(
-        !success && err.contains("uid 65534 may not change"),
-        "{err}"
-    );
-    let (success, err) = as_nobody(&["workers", "scale", "1"]);
-    assert!(!success && err.contains("may not change"), "{err}");
-    let (success, err) = as_nobody(&["status"]);
+    let e = refused(&["policy", "set", "hash"]);
+    assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e:?}");
+    // No field carries the peer's uid: the message is the evidence that SO_PEERCRED was read.
+    assert!(e.message.contains("uid 65534 "), "{e:?}");
+    let e = refused(&["workers", "scale", "1"]);
+    assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e:?}");
+    let (success, out, err) = as_nobody(&["status"]);
     assert!(success, "reading is allowed to whoever can connect: {err}");
+    let seen: StatusReport = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(pids(&seen), pids(&before));
     let status = b.status();
-    assert_eq!(status["policy"], "cpu");
-    assert_eq!(status["slots"].as_array().unwrap().len(), 2);
+    assert_eq!(status.policy, PolicyName::Cpu);
+    assert_eq!(status.slots.len(), 2, "{status:?}");
+    assert_eq!(
+        pids(&status),
+        pids(&before),
+        "nothing was restarted or scaled"
+    );
+    assert_eq!(b.policy(), policy_before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -734,21 +777,17 @@ fn status_json_matches_the_workers() {
         served.insert(a.slot, a.pid);
     }
     let status = b.status();
-    assert_eq!(status["pid"].as_u64().unwrap(), u64::from(b.pid()));
-    assert_eq!(status["listen"][0], b.addrs[0].to_string());
-    let slots = status["slots"].as_array().unwrap();
-    assert_eq!(slots.len(), 3);
-    for s in slots {
-        let slot = s["slot"].as_u64().unwrap() as u32;
-        assert_eq!(
-            s["pid"].as_u64().unwrap() as u32,
-            served[&slot],
-            "slot {slot}"
-        );
-        assert_eq!(s["state"], "ready");
-        assert!(alive(served[&slot]));
+    assert_eq!(status.pid, b.pid());
+    assert_eq!(status.listen, [b.addrs[0].to_string()]);
+    assert_eq!(status.policy, PolicyName::Hash);
+    assert_eq!(status.slots.len(), 3, "{status:?}");
+    for (i, s) in status.slots.iter().enumerate() {
+        assert_eq!(s.slot, i as u32, "{status:?}");
+        assert_eq!(s.pid, Some(served[&s.slot]), "slot {}", s.slot);
+        assert_eq!(s.state, SlotState::Ready, "{s:?}");
+        assert!(alive(served[&s.slot]));
     }
-    assert_eq!(sum(&status, "steered"), 300);
+    assert_eq!(sum(&status, |s| s.steered), 300);
     let table = ok(&b.cli(&["status"])).to_owned();
     assert!(table.contains("SLOT") && table.contains("QUEUE"), "{table}");
 }
@@ -757,18 +796,14 @@ fn status_json_matches_the_workers() {
 fn sighup_restarts_every_slot() {
     let b = Balancer::start(&["--workers", "2"]);
     let before = pids(&b.status());
+    assert_eq!(before.len(), 2);
     b.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = b.status();
         let now = pids(&s);
-        if now.iter().zip(&before).all(|(a, b)| a != b)
-            && s["slots"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|x| x["state"] == "ready")
-        {
+        assert_eq!(now.len(), 2, "{s:?}");
+        if now.iter().zip(&before).all(|(a, b)| a != b) && all_ready(&s, 2) {
             break;
         }
         assert!(
@@ -817,8 +852,8 @@ fn metrics_are_served_in_prometheus_text_format() {
     }
     let status = b.status();
     assert!(
-        status["bpf_ns_per_selection"].as_f64().unwrap() > 0.0,
-        "{status}"
+        status.bpf_ns_per_selection.is_some_and(|ns| ns > 0.0),
+        "{status:?}"
     );
 }
 
@@ -905,12 +940,8 @@ fn scale_down_spreads_migrated_connections_over_the_live_slots() {
         read_answer(s).unwrap_or_else(|e| panic!("connection {i} lost: {e}"));
     }
     let status = b.status();
-    let migrated: Vec<u64> = status["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["migrated"].as_u64().unwrap())
-        .collect();
+    let migrated: Vec<u64> = status.slots.iter().map(|s| s.migrated).collect();
+    assert_eq!(migrated.len(), 2, "{status:?}");
     assert!(
         migrated.iter().all(|m| *m > 0),
         "both live slots took part of the migrated queue: {migrated:?} ({out})"

@@ -6,11 +6,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_tests::{get, online_cpus, open_loop, pin_thread, two_or_more_cpus, Balancer, Fate};
-use serde_json::Value;
+use balancer_tests::{
+    get, online_cpus, open_loop, pin_thread, two_or_more_cpus, Balancer, Fate, SlotState,
+    SlotStatus, StatusReport,
+};
 
 const RATE: u32 = 1000;
 const LOAD: Duration = Duration::from_secs(3);
+/// Connections one open-loop run at `RATE` for `LOAD` makes (it returns one fate for each).
+const LOAD_CONNECTIONS: usize = 3000;
 const DEADLINE: Duration = Duration::from_secs(3);
 const SLOW: Duration = Duration::from_secs(1);
 
@@ -24,12 +28,19 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn slot(status: &Value, i: usize) -> &Value {
-    &status["slots"][i]
+/// Slot `i` of a status; panics with the status when there is no such slot.
+fn slot(status: &StatusReport, i: usize) -> &SlotStatus {
+    status
+        .slots
+        .get(i)
+        .unwrap_or_else(|| panic!("no slot {i}: {status:?}"))
 }
 
-fn field(status: &Value, i: usize, name: &str) -> u64 {
-    slot(status, i)[name].as_u64().unwrap()
+/// The worker pid of slot `i`; panics when it has none.
+fn pid(status: &StatusReport, i: usize) -> i32 {
+    slot(status, i)
+        .pid
+        .unwrap_or_else(|| panic!("slot {i} has no worker: {status:?}")) as i32
 }
 
 #[test]
@@ -57,9 +68,10 @@ fn round_robin_spreads_10000_connections_within_1_percent() {
     let cv = (seen.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / SLOTS as f64).sqrt() / mean;
     assert!(cv <= 0.01, "coefficient of variation {cv:.4}: {seen:?}");
     let status = b.status();
+    assert_eq!(status.slots.len(), SLOTS, "{status:?}");
     for (i, count) in seen.iter().enumerate() {
         assert_eq!(
-            field(&status, i, "by_round_robin") as f64,
+            slot(&status, i).by_round_robin as f64,
             *count,
             "eBPF counters agree"
         );
@@ -77,13 +89,13 @@ fn stopped_worker_run(
     args: &[&str],
     client_cpu: Option<u32>,
     victim: usize,
-) -> (Vec<Fate>, Value, String) {
+) -> (Vec<Fate>, StatusReport, String) {
     let mut all = vec!["--workers", "2"];
     all.extend_from_slice(args);
     let b = Balancer::start(&all);
     let addr = b.addrs[0];
     let slot_no = victim;
-    let victim = field(&b.status(), slot_no, "pid") as i32;
+    let victim = pid(&b.status(), slot_no);
     let load = thread::spawn(move || {
         if let Some(cpu) = client_cpu {
             pin_thread(cpu);
@@ -97,24 +109,22 @@ fn stopped_worker_run(
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(victim, libc::SIGCONT) }, 0);
     let fates = load.join().unwrap();
+    assert_eq!(fates.len(), LOAD_CONNECTIONS, "one fate per connection");
     // After SIGCONT the slot is back in the tables.
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let s = b.status();
-        if slot(&s, slot_no)["state"] == "ready" {
+        if slot(&s, slot_no).state == SlotState::Ready {
             break s;
         }
         assert!(
             Instant::now() < deadline,
-            "slot {slot_no} did not return after SIGCONT: {s}"
+            "slot {slot_no} did not return after SIGCONT: {s:?}"
         );
         thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(
-        field(&status, slot_no, "pid") as i32,
-        victim,
-        "the same worker, continued"
-    );
+    assert_eq!(status.slots.len(), 2, "{status:?}");
+    assert_eq!(pid(&status, slot_no), victim, "the same worker, continued");
     // And it serves again, on its socket (re-listened after an evacuation, on the same port).
     let served = thread::spawn(move || {
         if let Some(cpu) = client_cpu {
@@ -128,7 +138,7 @@ fn stopped_worker_run(
     .unwrap();
     assert!(
         served > 0,
-        "the continued worker takes connections again: {}\n{}",
+        "the continued worker takes connections again: {:?}\n{}",
         b.status(),
         b.stderr()
     );
@@ -205,10 +215,10 @@ fn least_loaded_routes_around_a_stopped_worker() {
         summary("least-loaded", &fates)
     );
     assert!(fates.iter().all(|f| *f != Fate::Failed));
-    assert!(field(&status, 1, "by_least_loaded") > 0);
+    assert!(slot(&status, 1).by_least_loaded > 0, "{status:?}");
     assert!(
-        field(&status, 1, "migrated") > 0,
-        "slot 0's queue was evacuated: {status}"
+        slot(&status, 1).migrated > 0,
+        "slot 0's queue was evacuated: {status:?}"
     );
 }
 
@@ -226,10 +236,10 @@ fn cpu_with_spill_routes_around_a_stopped_worker() {
         summary("cpu + spill", &fates)
     );
     assert!(fates.iter().all(|f| *f != Fate::Failed));
-    assert!(field(&status, 0, "spilled") > 0, "{status}");
+    assert!(slot(&status, 0).spilled > 0, "{status:?}");
     assert!(
-        field(&status, 0, "migrated") > 0,
-        "the stalled queue was evacuated: {status}"
+        slot(&status, 0).migrated > 0,
+        "the stalled queue was evacuated: {status:?}"
     );
 }
 
@@ -261,7 +271,7 @@ fn without_evacuation_only_the_connections_queued_before_detection_wait() {
         summary("no evacuation", &fates)
     );
     assert!(fates.iter().all(|f| *f != Fate::Failed));
-    assert_eq!(field(&status, 0, "migrated"), 0);
+    assert_eq!(slot(&status, 0).migrated, 0, "{status:?}");
 }
 
 #[test]
@@ -294,15 +304,19 @@ fn spill_does_not_trigger_while_workers_keep_up() {
             })
         })
         .collect();
+    assert_eq!(threads.len(), cpus.len());
     for t in threads {
         let fates = t.join().unwrap();
+        // 300 connections/s for 1 s.
+        assert_eq!(fates.len(), 300, "one fate per connection");
         assert!(fates.iter().all(|f| matches!(f, Fate::Answered(_))));
     }
     let status = b.status();
-    for i in 0..cpus.len() {
-        assert_eq!(field(&status, i, "spilled"), 0, "{status}");
-        assert_eq!(field(&status, i, "by_hash"), 0);
-        assert_eq!(field(&status, i, "steered"), field(&status, i, "by_cpu"));
+    assert_eq!(status.slots.len(), cpus.len(), "{status:?}");
+    for s in &status.slots {
+        assert_eq!(s.spilled, 0, "{status:?}");
+        assert_eq!(s.by_hash, 0, "{status:?}");
+        assert_eq!(s.steered, s.by_cpu, "{status:?}");
     }
 }
 
@@ -318,10 +332,12 @@ fn kill_stalled_replaces_a_stuck_worker() {
         "300ms",
     ]);
     let addr = b.addrs[0];
-    let victim = field(&b.status(), 1, "pid") as i32;
+    let victim = pid(&b.status(), 1);
     // SAFETY: kill(2) on the balancer's worker.
     assert_eq!(unsafe { libc::kill(victim, libc::SIGSTOP) }, 0);
     let fates = open_loop(addr, 500, Duration::from_millis(600), DEADLINE);
+    // 500 connections/s for 0.6 s.
+    assert_eq!(fates.len(), 300, "one fate per connection");
     assert!(
         fates.iter().all(|f| matches!(f, Fate::Answered(_))),
         "{fates:?}"
@@ -329,14 +345,14 @@ fn kill_stalled_replaces_a_stuck_worker() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = b.status();
-        let pid = slot(&s, 1)["pid"].as_i64().map(|p| p as i32);
-        if pid.is_some_and(|p| p != victim) && slot(&s, 1)["state"] == "ready" {
-            assert_eq!(field(&s, 1, "restarts"), 1);
+        let now = slot(&s, 1);
+        if now.pid.is_some_and(|p| p as i32 != victim) && now.state == SlotState::Ready {
+            assert_eq!(now.restarts, 1, "{s:?}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the stalled worker was not replaced: {s}"
+            "the stalled worker was not replaced: {s:?}"
         );
         thread::sleep(Duration::from_millis(50));
     }

@@ -11,6 +11,7 @@ const PER_CPU: usize = 200;
 fn cpu_policy_keeps_every_connection_on_its_cpu() {
     let cpus = online_cpus();
     let n = cpus.len();
+    assert!(n > 0, "no online CPU");
     let b = Balancer::start(&[
         "--policy",
         "cpu",
@@ -64,16 +65,19 @@ fn cpu_policy_keeps_every_connection_on_its_cpu() {
         assert_eq!(allowed, cpu.to_string(), "affinity of slot {pos}'s worker");
     }
 
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success(), "{status}");
-    assert_eq!(rows.len(), n);
-    for r in &rows {
+    assert_eq!(report.rows.len(), n, "{report:?}");
+    assert_eq!(report.unattributed, [], "{report:?}");
+    for r in &report.rows {
         assert_eq!(
-            r.by_cpu, PER_CPU as u64,
+            r.counters.by_cpu, PER_CPU as u64,
             "eBPF counters of slot {}: {r:?}",
             r.slot
         );
-        assert_eq!((r.by_hash, r.fallback, r.select_errors), (0, 0, 0), "{r:?}");
+        // Every connection was the cpu policy's first choice: no other selection path.
+        assert_eq!(r.selected(), PER_CPU as u64, "{r:?}");
+        assert_eq!(r.counters.select_error, 0, "{r:?}");
     }
 }
 
@@ -88,14 +92,18 @@ fn hash_policy_spreads_connections_over_all_slots() {
         let a = get(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         seen[a.slot as usize] += 1;
     }
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success());
+    assert_eq!(report.rows.len(), SLOTS, "{report:?}");
+    assert_eq!(report.unattributed, [], "{report:?}");
     let share = CONNS as f64 / SLOTS as f64;
-    for r in &rows {
+    for r in &report.rows {
         let got = seen[r.slot as usize];
         // The workers' own count and the program's count agree exactly.
-        assert_eq!(r.by_hash, got, "slot {}: {r:?}", r.slot);
-        assert_eq!((r.by_cpu, r.fallback, r.select_errors), (0, 0, 0));
+        assert_eq!(r.counters.by_hash, got, "slot {}: {r:?}", r.slot);
+        // Every connection was the hash policy's first choice: no other selection path.
+        assert_eq!(r.selected(), got, "{r:?}");
+        assert_eq!(r.counters.select_error, 0, "{r:?}");
         // Binomial spread: sd ≈ 27 connections; ±20 % of the share is > 7 sd.
         let dev = (got as f64 - share).abs() / share;
         assert!(
@@ -120,6 +128,7 @@ fn ipv6_and_two_listen_addresses_share_the_slots() {
         "--workers",
         "2",
     ]);
+    assert_eq!(b.addrs.len(), 2, "{:?}", b.addrs);
     assert!(
         b.addrs[0].is_ipv6() && b.addrs[1].is_ipv4(),
         "{:?}",
@@ -138,16 +147,20 @@ fn ipv6_and_two_listen_addresses_share_the_slots() {
         assert!(seen.iter().all(|s| *s > 0), "{addr}: {seen:?}");
         per_addr.push((addr, seen));
     }
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success());
+    // Two addresses of two slots each.
+    assert_eq!(report.rows.len(), 4, "{report:?}");
+    assert_eq!(per_addr.len(), 2);
     for (addr, seen) in per_addr {
         for slot in 0..2u32 {
-            let r = rows
+            let r = report
+                .rows
                 .iter()
                 .find(|r| r.addr == addr && r.slot == slot)
-                .unwrap_or_else(|| panic!("no row for {addr} slot {slot}: {rows:?}"));
-            assert_eq!(r.by_hash, seen[slot as usize], "{r:?}");
-            assert_eq!(r.select_errors, 0);
+                .unwrap_or_else(|| panic!("no row for {addr} slot {slot}: {report:?}"));
+            assert_eq!(r.counters.by_hash, seen[slot as usize], "{r:?}");
+            assert_eq!(r.counters.select_error, 0, "{r:?}");
         }
     }
 }
@@ -190,21 +203,29 @@ fn an_unselectable_first_choice_falls_back_to_a_live_slot() {
         |l| l.contains("slot 0 could not be selected"),
         std::time::Duration::from_secs(5),
     );
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success());
-    let (slot0, slot1) = (&rows[0], &rows[1]);
+    assert_eq!(report.rows.len(), 2, "{report:?}");
+    let (slot0, slot1) = (&report.rows[0], &report.rows[1]);
+    assert_eq!((slot0.slot, slot1.slot), (0, 1), "{report:?}");
     // About half the flows hash to slot 0: each is a failed first choice, then a fallback.
-    assert!(slot0.select_errors > (CONNECTIONS / 4) as u64, "{rows:?}");
-    assert_eq!(slot0.selected(), 0, "{rows:?}");
-    assert_eq!(slot1.fallback, slot0.select_errors, "{rows:?}");
-    assert_eq!(slot1.selected(), CONNECTIONS as u64, "{rows:?}");
-    assert_eq!(slot1.select_errors, 0, "{rows:?}");
+    assert!(
+        slot0.counters.select_error > (CONNECTIONS / 4) as u64,
+        "{report:?}"
+    );
+    assert_eq!(slot0.selected(), 0, "{report:?}");
+    assert_eq!(
+        slot1.counters.fallback, slot0.counters.select_error,
+        "{report:?}"
+    );
+    assert_eq!(slot1.selected(), CONNECTIONS as u64, "{report:?}");
+    assert_eq!(slot1.counters.select_error, 0, "{report:?}");
     assert!(
         log.contains("slot 0 could not be selected"),
         "the program says so in the log:\n{log}"
     );
     println!(
         "slot 0 unselectable: {} first choices failed, all {} fell back to slot 1",
-        slot0.select_errors, slot1.fallback
+        slot0.counters.select_error, slot1.counters.fallback
     );
 }

@@ -10,7 +10,8 @@ use std::{
 };
 
 use balancer_tests::{
-    balancer_bin, get, online_cpus, pin_thread, read_answer, send_request, wait_gone, Balancer,
+    alive, balancer_bin, get, online_cpus, pin_thread, read_answer, send_request, wait_gone,
+    Balancer, SlotState,
 };
 
 fn kill(pid: u32, sig: libc::c_int) {
@@ -119,18 +120,33 @@ fn sigkill_of_a_worker_loses_no_connection() {
     }
     assert!(during.iter().all(|a| a.pid != old_pid));
 
-    let rows = b.report();
-    let victim = rows.iter().find(|r| r.slot == victim_slot).unwrap();
+    let status = b.status();
+    assert_eq!(status.slots.len(), n, "{status:?}");
+    let victim = &status.slots[victim_slot as usize];
+    assert_eq!(victim.slot, victim_slot, "{victim:?}");
     assert_eq!(victim.restarts, 1, "{victim:?}");
-    assert_eq!(victim.pid, Some(successor));
-    assert_eq!(victim.state, "ready");
+    assert_eq!(victim.pid, Some(successor), "{victim:?}");
+    assert_eq!(victim.state, SlotState::Ready, "{victim:?}");
+    // The SIGUSR1 table of the running controller says the same.
+    let table = b.report();
+    assert_eq!(table.rows.len(), n, "{table:?}");
+    let row = &table.rows[victim_slot as usize];
+    assert_eq!(
+        (row.slot, row.pid, row.state, row.restarts),
+        (victim_slot, Some(successor), SlotState::Ready, 1),
+        "{table:?}"
+    );
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = steady {
         t.join().unwrap();
     }
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success());
-    assert!(rows.iter().all(|r| r.select_errors == 0), "{rows:?}");
+    assert_eq!(report.rows.len(), n, "{report:?}");
+    assert!(
+        report.rows.iter().all(|r| r.counters.select_error == 0),
+        "{report:?}"
+    );
     assert_eq!(failed.load(Ordering::Relaxed), 0, "steady client failures");
     println!(
         "killed worker {old_pid}: {} queued + {} later connections answered, steady client {} ok / {} failed",
@@ -180,9 +196,16 @@ fn serving_pids(b: &Balancer, n: usize) -> Vec<u32> {
 fn sigterm_stops_every_worker_and_exits_zero() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let pids = serving_pids(&b, 2);
-    let (status, rows) = b.stop();
+    let (status, report) = b.stop();
     assert!(status.success(), "{status}");
-    assert!(rows.iter().all(|r| r.state == "stopped"), "{rows:?}");
+    assert_eq!(report.rows.len(), 2, "{report:?}");
+    assert!(
+        report
+            .rows
+            .iter()
+            .all(|r| r.state == SlotState::Stopped && r.pid.is_none()),
+        "{report:?}"
+    );
     for pid in pids {
         assert!(
             wait_gone(pid, Duration::from_secs(2)),
@@ -235,30 +258,67 @@ fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
     assert!(status.success());
 }
 
+/// A worker that ignores SIGTERM (and whose `sleep` children inherit that) keeps running
+/// through the grace, is SIGKILLed when it runs out, and the controller still exits 0.
 #[test]
 fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
+    const GRACE: Duration = Duration::from_secs(1);
+    /// How long before the grace runs out the worker must still be seen alive.
+    const BEFORE: Duration = Duration::from_millis(200);
     let b = Balancer::start(&[
         "--workers",
         "1",
         "--ready-timeout",
         "100ms",
         "--grace",
-        "300ms",
+        "1s",
         "--",
         "sh",
         "-c",
         "trap '' TERM; while :; do sleep 1; done",
     ]);
-    let started = Instant::now();
-    let log_before = b.stderr();
-    let (status, rows) = b.stop();
-    assert!(status.success(), "{status}");
+    let status = b.status();
+    assert_eq!(status.slots.len(), 1, "{status:?}");
+    assert_eq!(status.slots[0].state, SlotState::Ready, "{status:?}");
+    let worker = status.slots[0].pid.expect("slot 0 has a worker");
+    assert!(alive(worker));
+
+    let sent = Instant::now();
+    b.signal(libc::SIGTERM);
+    // The controller's grace starts when it gets the signal, after `sent`: until then the
+    // worker must survive its SIGTERM.
+    while sent.elapsed() < GRACE - BEFORE {
+        assert!(
+            alive(worker),
+            "worker {worker} died {:?} after the controller's SIGTERM, within the {GRACE:?} grace",
+            sent.elapsed()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "waited the grace"
+        wait_gone(worker, Duration::from_secs(5)),
+        "worker {worker} still runs {:?} after SIGTERM, past the {GRACE:?} grace",
+        sent.elapsed()
     );
-    assert_eq!(rows[0].state, "stopped");
-    assert!(!log_before.contains("SIGKILL"));
+    let gone = sent.elapsed();
+    assert!(
+        gone >= GRACE,
+        "worker {worker} went after {gone:?}, before the grace"
+    );
+    let (status, report, log) = b.wait_exit();
+    let stopped = sent.elapsed();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        stopped >= GRACE,
+        "the stop took {stopped:?}, less than the grace"
+    );
+    assert_eq!(report.rows.len(), 1, "{report:?}");
+    let row = &report.rows[0];
+    assert_eq!(
+        (row.slot, row.pid, row.state, row.restarts),
+        (0, None, SlotState::Stopped, 0),
+        "{report:?}"
+    );
 }
 
 /// An upgrade replaces the balancer binary under a running controller: respawns must still

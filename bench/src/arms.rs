@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{programs::SkReuseport, Ebpf};
+use balancer::control::protocol::StatusReport;
 use balancer_common::PROGRAM_PASS;
 use socket2::{Domain, Socket, Type};
 
@@ -171,16 +172,14 @@ impl Server {
         match &self.balancer {
             Some((_, control)) => {
                 let status = self.status(control)?;
-                Ok(status["slots"][slot as usize]["pid"]
-                    .as_u64()
-                    .map(|p| p as u32))
+                Ok(status.slots.get(slot as usize).and_then(|s| s.pid))
             }
             None => Ok(self.workers.get(slot as usize).map(Child::id)),
         }
     }
 
     /// `balancer status --json` of a balancer arm.
-    pub fn status(&self, control: &Path) -> Result<serde_json::Value> {
+    pub fn status(&self, control: &Path) -> Result<StatusReport> {
         let out = Command::new(&self.ctx_balancer)
             .args(["status", "--json", "--control"])
             .arg(control)
@@ -188,7 +187,12 @@ impl Server {
         if !out.status.success() {
             bail!("balancer status: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "balancer status --json is not a status report: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Runs the balancer CLI against this arm (`policy set …`).
@@ -215,9 +219,7 @@ impl Server {
     pub fn program_cost(&self) -> Result<Option<(f64, u64)>> {
         if let Some((_, control)) = &self.balancer {
             let s = self.status(control)?;
-            return Ok(s["bpf_ns_per_selection"]
-                .as_f64()
-                .zip(s["bpf_runs"].as_u64()));
+            return Ok(s.bpf_ns_per_selection.zip(s.bpf_runs));
         }
         let Some(ebpf) = &self._program else {
             return Ok(None);

@@ -14,6 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use balancer::control::protocol::{
+    ErrorKind, ErrorReply, PolicyName, PolicyReport, SlotState, SlotStatus, StatusReport,
+};
+pub use balancer_common::SlotCounters;
+
 /// How long a balancer may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub use balancer_bench::client::{
@@ -55,7 +60,24 @@ pub fn require_root() {
     );
 }
 
-/// One row of the controller's counters table.
+/// The counters table's columns, as its header names them (`balancer/src/report.rs`).
+pub const COLUMNS: [&str; 13] = [
+    "ADDRESS",
+    "SLOT",
+    "PID",
+    "STATE",
+    "RESTARTS",
+    "BY-CPU",
+    "BY-HASH",
+    "FALLBACK",
+    "MIGRATED",
+    "SELECT-ERRORS",
+    "BY-RR",
+    "BY-LL",
+    "SPILLED",
+];
+
+/// One slot's row of the controller's counters table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Row {
     /// Listen address.
@@ -65,52 +87,133 @@ pub struct Row {
     /// Worker pid, if one runs.
     pub pid: Option<u32>,
     /// Slot state.
-    pub state: String,
+    pub state: SlotState,
     /// Worker replacements.
     pub restarts: u32,
-    /// Selected by the cpu policy.
-    pub by_cpu: u64,
-    /// Selected by the hash policy.
-    pub by_hash: u64,
-    /// Selected as fallback.
-    pub fallback: u64,
-    /// Moved here from a closing socket.
-    pub migrated: u64,
-    /// Failed selections.
-    pub select_errors: u64,
+    /// The program's decision counters for this slot and address.
+    pub counters: SlotCounters,
 }
 
 impl Row {
-    /// Connections steered to this slot by any path.
+    /// New connections steered to this slot by any path: exactly what
+    /// [`SlotCounters::selected`] counts (migrations and failed selections not included).
     pub fn selected(&self) -> u64 {
-        self.by_cpu + self.by_hash + self.fallback
+        self.counters.selected()
     }
 }
 
-/// Parses the last counters table in `lines`.
-pub fn parse_report(lines: &[String]) -> Vec<Row> {
-    let Some(start) = lines.iter().rposition(|l| l.starts_with("ADDRESS")) else {
-        return Vec::new();
-    };
-    lines[start + 1..]
+/// The `none` row of one address: decisions the program could not charge to any slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unattributed {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// The unattributed decision counters.
+    pub counters: SlotCounters,
+}
+
+/// A parsed counters table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// One row per address and slot, in table order.
+    pub rows: Vec<Row>,
+    /// The `none` rows, one per address that has any.
+    pub unattributed: Vec<Unattributed>,
+}
+
+/// Parses the last counters table in `lines`, reading every column by its header name; `None`
+/// when `lines` hold no table. Panics, naming the line, on a header that is not the 13 known
+/// columns or on a row it cannot parse: a table the tests cannot read is a failure, never
+/// fewer rows.
+pub fn parse_report(lines: &[String]) -> Option<Report> {
+    let start = lines
+        .iter()
+        .rposition(|l| l.split_whitespace().any(|c| c == "ADDRESS"))?;
+    let header: Vec<&str> = lines[start].split_whitespace().collect();
+    let mut sorted_header = header.clone();
+    sorted_header.sort_unstable();
+    let mut sorted_columns = COLUMNS.to_vec();
+    sorted_columns.sort_unstable();
+    assert_eq!(
+        sorted_header, sorted_columns,
+        "counters table header {:?} is not the columns {COLUMNS:?}",
+        lines[start]
+    );
+    let mut report = Report::default();
+    for line in lines[start + 1..]
         .iter()
         .take_while(|l| !l.trim().is_empty())
-        .filter_map(|l| {
-            let c: Vec<&str> = l.split_whitespace().collect();
-            Some(Row {
-                addr: c.first()?.parse().ok()?,
-                slot: c.get(1)?.parse().ok()?,
-                pid: c.get(2)?.parse().ok(),
-                state: c.get(3)?.to_string(),
-                restarts: c.get(4)?.parse().ok()?,
-                by_cpu: c.get(5)?.parse().ok()?,
-                by_hash: c.get(6)?.parse().ok()?,
-                fallback: c.get(7)?.parse().ok()?,
-                migrated: c.get(8)?.parse().ok()?,
-                select_errors: c.get(9)?.parse().ok()?,
-            })
-        })
-        .collect()
+    {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        if cells.len() != header.len() {
+            bad_row(
+                line,
+                format!(
+                    "{} cells for the {} columns of {:?}",
+                    cells.len(),
+                    header.len(),
+                    lines[start]
+                ),
+            );
+        }
+        let cell = |name: &str| -> &str {
+            cells[header
+                .iter()
+                .position(|h| *h == name)
+                .expect("the header was checked")]
+        };
+        let num = |name: &str| -> u64 { parse_cell(line, name, cell(name)) };
+        let counters = SlotCounters {
+            by_cpu: num("BY-CPU"),
+            by_hash: num("BY-HASH"),
+            by_round_robin: num("BY-RR"),
+            by_least_loaded: num("BY-LL"),
+            spilled: num("SPILLED"),
+            fallback: num("FALLBACK"),
+            migrated: num("MIGRATED"),
+            select_error: num("SELECT-ERRORS"),
+        };
+        let addr = parse_cell(line, "ADDRESS", cell("ADDRESS"));
+        if cell("SLOT") == "none" {
+            for name in ["PID", "STATE", "RESTARTS"] {
+                if cell(name) != "-" {
+                    bad_row(
+                        line,
+                        format!(
+                            "the unattributed row has {name} {:?}, not \"-\"",
+                            cell(name)
+                        ),
+                    );
+                }
+            }
+            report.unattributed.push(Unattributed { addr, counters });
+            continue;
+        }
+        report.rows.push(Row {
+            addr,
+            slot: parse_cell(line, "SLOT", cell("SLOT")),
+            pid: match cell("PID") {
+                "-" => None,
+                pid => Some(parse_cell(line, "PID", pid)),
+            },
+            state: parse_cell(line, "STATE", cell("STATE")),
+            restarts: parse_cell(line, "RESTARTS", cell("RESTARTS")),
+            counters,
+        });
+    }
+    Some(report)
+}
+
+fn bad_row(line: &str, what: String) -> ! {
+    panic!("counters table row {line:?}: {what}")
+}
+
+/// Parses the cell of column `name` in `line`, or panics naming both.
+fn parse_cell<T: std::str::FromStr>(line: &str, name: &str, cell: &str) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    cell.parse()
+        .unwrap_or_else(|e| bad_row(line, format!("{name} {cell:?}: {e}")))
 }
 
 /// A control socket path no other test uses.
@@ -189,6 +292,7 @@ pub struct Balancer {
     lines: Receiver<String>,
     stdout: Vec<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_done: Receiver<()>,
     /// Bound listen addresses, in `--listen` order.
     pub addrs: Vec<SocketAddr>,
 }
@@ -241,7 +345,10 @@ impl Balancer {
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().unwrap();
         let sink = stderr.clone();
+        // Dropped when the reader ends: at end of file, once the controller is gone.
+        let (stderr_open, stderr_done) = mpsc::channel::<()>();
         thread::spawn(move || {
+            let _open = stderr_open;
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
@@ -254,6 +361,7 @@ impl Balancer {
             lines,
             stdout: Vec::new(),
             stderr,
+            stderr_done,
             addrs: Vec::new(),
         };
         let listens = args.iter().filter(|a| **a == "--listen").count().max(1);
@@ -288,12 +396,48 @@ impl Balancer {
         run_to_end(&all, |_| {})
     }
 
-    /// `balancer status --json`, parsed.
-    pub fn status(&self) -> serde_json::Value {
-        let f = self.cli(&["status", "--json"]);
-        assert!(f.status.success(), "status failed: {}", f.stderr);
-        serde_json::from_str(&f.stdout)
-            .unwrap_or_else(|e| panic!("status --json: {e}: {}", f.stdout))
+    /// `balancer status --json`, as the library's typed report. Panics with the text when it
+    /// does not parse.
+    pub fn status(&self) -> StatusReport {
+        self.json(&["status", "--json"])
+    }
+
+    /// `balancer policy --json`, as the library's typed report. Panics with the text when it
+    /// does not parse.
+    pub fn policy(&self) -> PolicyReport {
+        self.json(&["policy", "--json"])
+    }
+
+    /// Runs a CLI command that must succeed and print JSON of type `T`.
+    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let f = self.cli(args);
+        assert!(f.status.success(), "{args:?} failed: {}", f.stderr);
+        serde_json::from_str(&f.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} does not print a {}: {e}:\n{}",
+                std::any::type_name::<T>(),
+                f.stdout
+            )
+        })
+    }
+
+    /// Runs a control command with `--json` that the controller must refuse; returns its
+    /// typed error (the CLI prints `{"error": KIND, "message": …}` and exits non-zero).
+    pub fn cli_error(&self, args: &[&str]) -> ErrorReply {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let f = self.cli(&all);
+        assert!(
+            !f.status.success(),
+            "{args:?} must fail, but succeeded: {}",
+            f.stdout
+        );
+        parse_cli_error(&f.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: {e}\nstdout:\n{}\nstderr:\n{}",
+                f.stdout, f.stderr
+            )
+        })
     }
 
     /// The stdout lines read so far.
@@ -342,7 +486,7 @@ impl Balancer {
     }
 
     /// Asks for the counters table (SIGUSR1) and returns it.
-    pub fn report(&mut self) -> Vec<Row> {
+    pub fn report(&mut self) -> Report {
         self.signal(libc::SIGUSR1);
         let n = self.stdout.len();
         self.wait_line(|l| l.starts_with("ADDRESS"), IO_TIMEOUT)
@@ -350,7 +494,7 @@ impl Balancer {
         // The rows end with a blank line.
         self.wait_line(|l| l.trim().is_empty(), IO_TIMEOUT)
             .expect("end of counters table");
-        parse_report(&self.stdout[n..])
+        parse_report(&self.stdout[n..]).expect("the counters table that was waited for")
     }
 
     /// Sends a signal to the controller.
@@ -360,14 +504,20 @@ impl Balancer {
     }
 
     /// SIGTERM, then waits for the exit; returns the exit status and the final counters.
-    pub fn stop(self) -> (ExitStatus, Vec<Row>) {
-        let (status, rows, _) = self.stop_with_log();
-        (status, rows)
+    pub fn stop(self) -> (ExitStatus, Report) {
+        let (status, report, _) = self.stop_with_log();
+        (status, report)
     }
 
     /// Like [`Balancer::stop`], also returning everything the controller logged.
-    pub fn stop_with_log(mut self) -> (ExitStatus, Vec<Row>, String) {
+    pub fn stop_with_log(self) -> (ExitStatus, Report, String) {
         self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits (20 s at most) for a controller that was told to stop to exit; returns the exit
+    /// status, the final counters table (which it must have printed) and everything it logged.
+    pub fn wait_exit(mut self) -> (ExitStatus, Report, String) {
         let status = wait_timeout(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
             panic!(
                 "balancer did not exit on SIGTERM; stderr:\n{}",
@@ -377,10 +527,16 @@ impl Balancer {
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.stdout.push(line);
         }
-        let rows = parse_report(&self.stdout);
         // The stderr reader ends when the last holder of the pipe (the controller) is gone.
-        thread::sleep(Duration::from_millis(100));
-        (status, rows, self.stderr())
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(5));
+        let log = self.stderr();
+        let report = parse_report(&self.stdout).unwrap_or_else(|| {
+            panic!(
+                "the controller ({status}) printed no counters table on exit; stdout:\n{}\nstderr:\n{log}",
+                self.stdout.join("\n")
+            )
+        });
+        (status, report, log)
     }
 
     /// Kills the controller with SIGKILL and reaps it.
@@ -455,6 +611,21 @@ pub fn run_to_end(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Finished 
     }
 }
 
+/// The CLI's `--json` error output: `{"error": KIND, "message": TEXT}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliError {
+    error: ErrorKind,
+    message: String,
+}
+
+/// Parses what the CLI prints on stdout when the controller refused a `--json` command.
+pub fn parse_cli_error(stdout: &str) -> Result<ErrorReply, String> {
+    let e: CliError = serde_json::from_str(stdout)
+        .map_err(|e| format!("not a `--json` error reply ({e}): {stdout:?}"))?;
+    Ok(ErrorReply::new(e.error, e.message))
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -481,19 +652,157 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 mod tests {
     use super::*;
 
+    fn lines(text: &[&str]) -> Vec<String> {
+        text.iter().map(|l| (*l).to_owned()).collect()
+    }
+
+    const HEADER: &str = "ADDRESS     SLOT  PID  STATE    RESTARTS  BY-CPU  BY-HASH  FALLBACK  MIGRATED  SELECT-ERRORS  BY-RR  BY-LL  SPILLED";
+
     #[test]
-    fn parses_reports() {
-        let lines: Vec<String> = [
+    fn parses_every_column_of_a_slot_row() {
+        let report = parse_report(&lines(&[
+            "an older table, ignored",
+            HEADER,
+            "127.0.0.1:1  0     -    stopped  2         5       6        7         1         8              9      10     11",
+            "127.0.0.1:1  1     42   backing-off  0     0       0        0         0         0              0      0      0",
+            "",
+            "after the table",
+        ]))
+        .unwrap();
+        assert!(report.unattributed.is_empty());
+        assert_eq!(report.rows.len(), 2);
+        let counters = SlotCounters {
+            by_cpu: 5,
+            by_hash: 6,
+            by_round_robin: 9,
+            by_least_loaded: 10,
+            spilled: 11,
+            fallback: 7,
+            migrated: 1,
+            select_error: 8,
+        };
+        assert_eq!(
+            report.rows[0],
+            Row {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                slot: 0,
+                pid: None,
+                state: SlotState::Stopped,
+                restarts: 2,
+                counters,
+            }
+        );
+        // Every selection path, not migrations or failed selections: 5+6+9+10+11+7.
+        assert_eq!(report.rows[0].selected(), 48);
+        assert_eq!(report.rows[0].selected(), counters.selected());
+        assert_eq!(report.rows[1].pid, Some(42));
+        assert_eq!(report.rows[1].state, SlotState::BackingOff);
+    }
+
+    #[test]
+    fn reads_columns_by_their_header_names() {
+        let report = parse_report(&lines(&[
+            "SPILLED  BY-LL  BY-RR  SELECT-ERRORS  MIGRATED  FALLBACK  BY-HASH  BY-CPU  RESTARTS  STATE  PID  SLOT  ADDRESS",
+            "1        2      3      4              5         6         7        8       9         ready  77   3     [::1]:80",
+        ]))
+        .unwrap();
+        let r = &report.rows[0];
+        assert_eq!((r.slot, r.pid, r.restarts), (3, Some(77), 9));
+        assert_eq!(r.addr, "[::1]:80".parse().unwrap());
+        assert_eq!(r.state, SlotState::Ready);
+        assert_eq!(
+            r.counters,
+            SlotCounters {
+                by_cpu: 8,
+                by_hash: 7,
+                by_round_robin: 3,
+                by_least_loaded: 2,
+                spilled: 1,
+                fallback: 6,
+                migrated: 5,
+                select_error: 4,
+            }
+        );
+    }
+
+    #[test]
+    fn the_unattributed_row_is_kept_apart() {
+        let report = parse_report(&lines(&[
+            HEADER,
+            "127.0.0.1:1  0     42   ready    0         3       0        0         0         0              0      0      0",
+            "127.0.0.1:1  none  -    -        -         1       2        0         0         4              0      0      0",
+            "",
+        ]))
+        .unwrap();
+        assert_eq!(report.rows.len(), 1);
+        assert_eq!(report.rows[0].slot, 0);
+        assert_eq!(
+            report.unattributed,
+            [Unattributed {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                counters: SlotCounters {
+                    by_cpu: 1,
+                    by_hash: 2,
+                    select_error: 4,
+                    ..Default::default()
+                },
+            }]
+        );
+    }
+
+    #[test]
+    fn no_table_is_none() {
+        assert_eq!(
+            parse_report(&lines(&["listening on 127.0.0.1:1", ""])),
+            None
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "counters table row \"127.0.0.1:1  0  42  ready  0  5")]
+    fn a_short_row_panics_naming_it() {
+        parse_report(&lines(&[
+            HEADER,
+            "127.0.0.1:1  0  42  ready  0  5  6  7  1  8",
+        ]));
+    }
+
+    #[test]
+    #[should_panic(expected = "STATE \"sleeping\"")]
+    fn an_unknown_state_panics() {
+        parse_report(&lines(&[
+            HEADER,
+            "127.0.0.1:1  0  42  sleeping  0  5  6  7  1  8  0  0  0",
+        ]));
+    }
+
+    #[test]
+    #[should_panic(expected = "unattributed row has PID \"42\"")]
+    fn an_unattributed_row_with_a_pid_panics() {
+        parse_report(&lines(&[
+            HEADER,
+            "127.0.0.1:1  none  42  -  -  5  6  7  1  8  0  0  0",
+        ]));
+    }
+
+    #[test]
+    #[should_panic(expected = "is not the columns")]
+    fn an_unknown_header_panics() {
+        parse_report(&lines(&[
             "ADDRESS  SLOT  PID  STATE  RESTARTS  BY-CPU  BY-HASH  FALLBACK  MIGRATED  SELECT-ERRORS",
             "127.0.0.1:1  0  -  stopped  2  5  6  7  1  8",
-            "",
-        ]
-        .map(String::from)
-        .to_vec();
-        let rows = parse_report(&lines);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].pid, None);
-        assert_eq!(rows[0].selected(), 18);
-        assert_eq!(rows[0].select_errors, 8);
+        ]));
+    }
+
+    #[test]
+    fn cli_errors_parse_into_typed_replies() {
+        let e =
+            parse_cli_error(r#"{"error":"permission-denied","message":"uid 7 may not"}"#).unwrap();
+        assert_eq!(
+            e,
+            ErrorReply::new(ErrorKind::PermissionDenied, "uid 7 may not")
+        );
+        assert!(parse_cli_error(r#"{"error":"nonsense","message":""}"#).is_err());
+        assert!(parse_cli_error("").is_err());
     }
 }

@@ -9,6 +9,7 @@ use std::{
 
 use log::{debug, warn};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
@@ -123,15 +124,42 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Whether a peer may change the balancer: root, or the controller's own user.
-fn may_change(uid: Option<u32>) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let own = unsafe { libc::geteuid() };
-    matches!(uid, Some(u) if u == 0 || u == own)
+/// Whether a peer of uid `peer_uid` (`None`: its credentials are unknown) may make `request`
+/// of a controller running as `own_uid`: reading ([`Request::changes_state`] false) is for
+/// anyone who can connect; changes are for root and the controller's own user.
+pub fn authorize(peer_uid: Option<u32>, own_uid: u32, request: &Request) -> Result<(), ErrorReply> {
+    if !request.changes_state() {
+        return Ok(());
+    }
+    match peer_uid {
+        Some(uid) if uid == 0 || uid == own_uid => Ok(()),
+        _ => Err(ErrorReply::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "uid {} may not change the balancer: run the command as root or as the controller's user",
+                peer_uid.map_or("?".into(), |u| u.to_string())
+            ),
+        )),
+    }
 }
 
-async fn serve_client(mut stream: UnixStream, commands: mpsc::Sender<Command>) {
-    let uid = stream.peer_cred().ok().map(|c| c.uid());
+/// Serves one accepted client, checking its requests against its `SO_PEERCRED` uid.
+async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
+    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+    // SAFETY: geteuid has no preconditions.
+    let own_uid = unsafe { libc::geteuid() };
+    serve_stream(stream, peer_uid, own_uid, commands).await;
+}
+
+/// Answers the frames of one client until it hangs up, goes idle, or sends something that
+/// cannot be framed: each request is decoded, [`authorize`]d, and only then forwarded to
+/// `commands`.
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer_uid: Option<u32>,
+    own_uid: u32,
+    commands: mpsc::Sender<Command>,
+) {
     loop {
         let frame = match tokio::time::timeout(IDLE, read_frame(&mut stream)).await {
             Err(_) | Ok(Err(FrameError::Closed)) => return,
@@ -150,22 +178,20 @@ async fn serve_client(mut stream: UnixStream, commands: mpsc::Sender<Command>) {
             }
             Ok(Ok(frame)) => frame,
         };
-        let outcome = match decode_request(&frame) {
+        let outcome = match decode_request(&frame)
+            .and_then(|req| authorize(peer_uid, own_uid, &req).map(|()| req))
+        {
             Err(e) => Err(e),
-            Ok(req) if req.changes_state() && !may_change(uid) => Err(ErrorReply::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "uid {} may not change the balancer: run the command as root or as the controller's user",
-                    uid.map_or("?".into(), |u| u.to_string())
-                ),
-            )),
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 if commands.send((req, tx)).await.is_err() {
                     return;
                 }
                 rx.await.unwrap_or_else(|_| {
-                    Err(ErrorReply::new(ErrorKind::Failed, "the controller is shutting down"))
+                    Err(ErrorReply::new(
+                        ErrorKind::Failed,
+                        "the controller is shutting down",
+                    ))
                 })
             }
         };
@@ -175,5 +201,193 @@ async fn serve_client(mut stream: UnixStream, commands: mpsc::Sender<Command>) {
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{io::AsyncWriteExt, task::JoinHandle};
+
+    use super::*;
+    use crate::control::protocol::{
+        decode_reply, encode_request, Outcome, PolicyName, Reply, StatusReport,
+    };
+
+    /// The controller's uid in these tests (any non-root uid: the tests need no privilege).
+    const OWN: u32 = 1000;
+    const FOREIGN: u32 = 65534;
+
+    fn status_report() -> StatusReport {
+        StatusReport {
+            pid: 42,
+            uptime_secs: 1.5,
+            policy: PolicyName::Hash,
+            weights: None,
+            spill_depth: 16,
+            sample_interval_us: 1000,
+            sampling_cost_us_per_sec: 0.5,
+            listen: vec!["127.0.0.1:8080".into()],
+            slots: Vec::new(),
+            bpf_ns_per_selection: None,
+            bpf_runs: None,
+        }
+    }
+
+    /// A client end, the server task serving the other end of the pair as a peer of
+    /// `peer_uid`, and the supervisor's end of the command channel.
+    fn serve(peer_uid: Option<u32>) -> (UnixStream, JoinHandle<()>, mpsc::Receiver<Command>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (commands, requests) = mpsc::channel(4);
+        let task = tokio::spawn(serve_stream(server, peer_uid, OWN, commands));
+        (client, task, requests)
+    }
+
+    /// Sends one frame and returns the decoded reply; fails rather than hangs when none comes
+    /// (as it would if a request were forwarded to a supervisor that never answers).
+    async fn exchange(client: &mut UnixStream, payload: &[u8]) -> Outcome {
+        write_frame(client, payload).await.unwrap();
+        reply(client).await
+    }
+
+    /// The next reply frame, decoded; fails after 5 s without one.
+    async fn reply(client: &mut UnixStream) -> Outcome {
+        let frame = next_frame(client).await.expect("a reply frame");
+        decode_reply(&frame).unwrap()
+    }
+
+    /// The next frame or why there is none; fails after 5 s without either.
+    async fn next_frame(client: &mut UnixStream) -> Result<bytes::BytesMut, FrameError> {
+        tokio::time::timeout(Duration::from_secs(5), read_frame(client))
+            .await
+            .expect("a frame or the end of the stream within 5 s")
+    }
+
+    /// Answers the next command with `outcome`, checking it is `expected`.
+    fn supervisor(
+        mut requests: mpsc::Receiver<Command>,
+        expected: Request,
+        outcome: Outcome,
+    ) -> JoinHandle<mpsc::Receiver<Command>> {
+        tokio::spawn(async move {
+            let (request, reply) = requests.recv().await.expect("a forwarded command");
+            assert_eq!(request, expected);
+            reply.send(outcome).unwrap();
+            requests
+        })
+    }
+
+    /// Closes the client, waits for the server task to end, and asserts that nothing more
+    /// reached the command channel.
+    async fn nothing_more_forwarded(
+        client: UnixStream,
+        task: JoinHandle<()>,
+        mut requests: mpsc::Receiver<Command>,
+    ) {
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the server task ends once the client is gone")
+            .unwrap();
+        match requests.try_recv() {
+            Err(mpsc::error::TryRecvError::Disconnected) => {}
+            Ok((request, _)) => panic!("{request:?} reached the command channel"),
+            Err(e) => panic!("the server still holds the channel: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_request_is_forwarded_and_its_outcome_returned() {
+        // A foreign uid may read.
+        let (mut client, task, requests) = serve(Some(FOREIGN));
+        let answer: Outcome = Ok(Reply::Status(status_report()));
+        let supervisor = supervisor(requests, Request::Status, answer.clone());
+        let got = exchange(&mut client, &encode_request(&Request::Status)).await;
+        assert_eq!(got, answer);
+        nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn a_change_from_a_foreign_uid_is_refused_and_never_forwarded() {
+        let (mut client, task, requests) = serve(Some(FOREIGN));
+        let got = exchange(&mut client, &encode_request(&Request::Scale { workers: 1 })).await;
+        let e = got.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e:?}");
+        assert!(e.message.contains(&format!("uid {FOREIGN} ")), "{e:?}");
+        nothing_more_forwarded(client, task, requests).await;
+    }
+
+    #[tokio::test]
+    async fn a_too_large_frame_is_answered_then_the_connection_closed() {
+        let (mut client, task, requests) = serve(Some(OWN));
+        client
+            .write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let e = reply(&mut client).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooLarge, "{e:?}");
+        // The server hung up: end of stream, and its task is over.
+        assert!(matches!(
+            next_frame(&mut client).await,
+            Err(FrameError::Closed)
+        ));
+        nothing_more_forwarded(client, task, requests).await;
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_answered_and_the_connection_stays_usable() {
+        let (mut client, task, requests) = serve(Some(OWN));
+        let got = exchange(&mut client, b"{{{ not json").await;
+        assert_eq!(got.unwrap_err().kind, ErrorKind::Malformed);
+        // The next frame on the same connection is served: a change, from the own uid.
+        let request = Request::Drain { slot: 1 };
+        let answer: Outcome = Ok(Reply::Done {
+            message: "slot 1 drained".into(),
+        });
+        let supervisor = supervisor(requests, request.clone(), answer.clone());
+        assert_eq!(
+            exchange(&mut client, &encode_request(&request)).await,
+            answer
+        );
+        nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
+    }
+
+    #[test]
+    fn reading_is_for_anyone() {
+        for peer in [Some(0), Some(OWN), Some(FOREIGN), None] {
+            for request in [Request::Status, Request::Policy] {
+                assert_eq!(
+                    authorize(peer, OWN, &request),
+                    Ok(()),
+                    "{peer:?} {request:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn changing_is_for_root_and_the_own_uid() {
+        let change = Request::SetPolicy {
+            policy: PolicyName::Hash,
+            weights: None,
+            spill_depth: None,
+        };
+        assert_eq!(authorize(Some(0), OWN, &change), Ok(()), "root changes");
+        assert_eq!(
+            authorize(Some(OWN), OWN, &change),
+            Ok(()),
+            "own uid changes"
+        );
+        for (peer, shown) in [(Some(FOREIGN), "uid 65534 "), (None, "uid ? ")] {
+            let e = authorize(peer, OWN, &change).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::PermissionDenied, "{peer:?}");
+            assert!(e.message.starts_with(shown), "{peer:?}: {e:?}");
+            assert!(e.message.contains("run the command as root"), "{e:?}");
+        }
+        // A controller running as root lets only root change it.
+        assert_eq!(authorize(Some(0), 0, &change), Ok(()));
+        assert_eq!(
+            authorize(Some(OWN), 0, &change).unwrap_err().kind,
+            ErrorKind::PermissionDenied
+        );
     }
 }
