@@ -95,9 +95,13 @@ pub struct WorkerLaunch<'a> {
 /// an upgrade while the controller runs (where `current_exe()` would name a deleted path).
 pub const SELF_EXE: &str = "/proc/self/exe";
 
-/// Forks and starts the worker (through the `__exec-worker` trampoline).
-pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(SELF_EXE);
+/// Forks and starts the worker (through the `__exec-worker` trampoline); returns its pid.
+///
+/// The worker is not tied to the controller's life: it keeps serving if the controller dies,
+/// and a restarted controller adopts it. Nothing here waits for it: the controller reaps its
+/// children itself (it is their subreaper), so that their grandchildren are reaped too.
+pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
+    let mut cmd = std::process::Command::new(SELF_EXE);
     cmd.arg("__exec-worker")
         .arg("--")
         .args(launch.command)
@@ -111,8 +115,7 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
         .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         // The controller's stdout is for its own lines (scripts read them); workers log to stderr.
-        .stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?))
-        .kill_on_drop(false);
+        .stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?));
 
     let sources: Vec<RawFd> = launch.sockets.iter().map(|s| s.as_raw_fd()).collect();
     let n = sources.len() as RawFd;
@@ -124,11 +127,10 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
         .max(LISTEN_FDS_START + n)
         + 1;
     let mut parked = vec![-1 as RawFd; sources.len()];
-    let parent = std::process::id() as libc::pid_t;
     let cpus = launch.cpus;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (fcntl, dup2, setpgid, prctl, getppid, sched_setaffinity); it allocates nothing, as
-    // `parked` is sized beforehand.
+    // (fcntl, dup2, setpgid, sched_setaffinity); it allocates nothing, as `parked` is sized
+    // beforehand.
     unsafe {
         cmd.pre_exec(move || {
             // Park every source above the target range first, so that placing fd 3+i can
@@ -151,14 +153,6 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
             if libc::setpgid(0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            // No orphans: the worker dies with the controller, even on SIGKILL. The spawning
-            // thread is the runtime's only thread, which lives as long as the controller.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
             if let Some(set) = &cpus {
                 // Best effort: a pinned CPU taken offline must not keep the slot from running
                 // (the parent warns about offline CPUs when it builds the set).
@@ -167,7 +161,8 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<tokio::process::Child> {
             Ok(())
         });
     }
-    cmd.spawn()
+    // The Child handle is dropped without waiting: the controller's reaper collects the exit.
+    Ok(cmd.spawn()?.id())
 }
 
 /// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process and execs the worker.

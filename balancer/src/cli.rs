@@ -184,7 +184,11 @@ pub enum LogLevel {
   sudo balancer run --listen 127.0.0.1:0
 
 Worker i gets its slot's socket(s) as fd 3.. with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES,
-BALANCER_SLOT=i and NOTIFY_SOCKET. `kill -USR1 <controller pid>` prints the steering counters.")]
+BALANCER_SLOT=i and NOTIFY_SOCKET. `kill -USR1 <controller pid>` prints the steering counters.
+
+Workers outlive the controller: if it crashes (or is killed), they keep serving with the last
+published tables, and `balancer run` with the same arguments adopts them (same pids, same
+sockets, counters kept). SIGTERM/SIGINT stop everything.")]
 pub struct RunArgs {
     /// Address to listen on, IP:PORT or [IPv6]:PORT; repeatable. Port 0 picks a free port.
     #[arg(
@@ -252,7 +256,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
 
-    /// Pin the program and maps under DIR/<address>/ for bpftool [default: /sys/fs/bpf/balancer/<pid> when /sys/fs/bpf is a BPF filesystem].
+    /// The group's name: where its record (/run/balancer/<NAME>/) and pins live, so that a
+    /// controller restarted with the same arguments finds and adopts the running workers
+    /// [default: from the listen addresses, e.g. 127_0_0_1_8080].
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
+    /// Pin the program and maps under DIR/<address>/ for bpftool [default: /sys/fs/bpf/balancer/<NAME>, mounting a BPF filesystem on /sys/fs/bpf when none is].
     #[arg(long, value_name = "DIR")]
     pub bpffs_dir: Option<PathBuf>,
 
@@ -268,6 +278,10 @@ pub struct RunArgs {
     /// Worker command and arguments [default: this binary's `demo-worker`].
     #[arg(last = true, value_name = "WORKER_CMD")]
     pub worker: Vec<OsString>,
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    crate::group_state::check_name(s).map(|()| s.to_owned())
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -315,6 +329,8 @@ mod tests {
             (vec!["--policy", "random"], "possible values"),
             (vec!["--listen", "localhost"], "invalid socket address"),
             (vec!["--ready-timeout", "soon"], "such as 500ms"),
+            (vec!["--name", "a.b"], "letters, digits"),
+            (vec!["--name", ""], "letters, digits"),
         ] {
             let err = Cli::try_parse_from(["balancer", "run"].into_iter().chain(args.clone()))
                 .expect_err("must be rejected");

@@ -2,12 +2,15 @@
 //! integration tests and the benchmark (which read [`control::protocol::StatusReport`] and
 //! [`control::protocol::ErrorKind`] as typed values instead of walking JSON by key).
 pub mod activation;
+pub mod adoption;
 pub mod affinity;
 pub mod cli;
 pub mod control;
 pub mod demo_worker;
+pub mod group_state;
 pub mod metrics;
 pub mod notify;
+pub mod pidfd;
 pub mod policy;
 pub mod privileges;
 pub mod proc_net;
@@ -16,5 +19,6 @@ pub mod report;
 pub mod service_manager;
 pub mod socket_group;
 pub mod stall;
+pub mod startup;
 pub mod steering;
 pub mod supervisor;

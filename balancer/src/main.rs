@@ -16,8 +16,7 @@ use balancer::{
     policy::{build_tables, CpuLayout},
     privileges, report,
     service_manager::ServiceManager,
-    socket_group::SocketGroup,
-    steering,
+    startup, steering,
     steering::Steering,
     supervisor::{self, SupervisorConfig},
 };
@@ -135,8 +134,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         warn!("{warning}");
     }
 
-    let group = SocketGroup::bind(&args.listen, slots, args.backlog)?;
-    let pin_dir = pin_dir(args.bpffs_dir)?;
+    let prepared = startup::prepare(
+        &args.listen,
+        args.name.clone(),
+        slots,
+        (policy, args.spill_depth),
+        args.backlog,
+    )?;
+    let slots = prepared.slots;
+    let (policy, spill_depth, weights) = prepared.steer.clone();
+    let pin_dir = startup::pin_dir(args.bpffs_dir.clone(), &prepared.name)?;
+    let bound: Vec<std::net::SocketAddr> =
+        prepared.group.addresses.iter().map(|a| a.addr).collect();
+    // What a dead controller pinned: its counters continue in the new maps; the rest goes.
+    let carried = match (&pin_dir, prepared.adopted_from) {
+        (Some(dir), Some(_)) => steering::pinned_counters(dir, &bound),
+        _ => Vec::new(),
+    };
+    if let Some(dir) = &pin_dir {
+        steering::unpin_addresses(dir, &bound);
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let mut control = ControlSocket::bind(&args.control)?;
@@ -148,14 +165,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        // Until a worker is ready every slot takes connections: they queue on its socket.
-        let tables = build_tables(&layout, slots, &vec![false; slots as usize], None);
+        // Until a worker is ready its slot takes connections only if no slot is ready: they
+        // queue on its socket. An adopted ready worker's slot is live at once.
+        let tables = build_tables(&layout, slots, &prepared.live(), weights.as_deref());
         let steering = Steering::attach(
-            &group,
+            &prepared.group,
             slots,
-            (policy, args.spill_depth),
+            (policy, spill_depth),
             &tables,
             pin_dir.as_deref(),
+            &carried,
         );
         let steering = match steering {
             Ok(s) => s,
@@ -174,10 +193,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("serving metrics on {addr}"))?;
             report::line(&format!("metrics on http://{bound}/metrics"));
         }
-        for a in &group.addresses {
+        for a in &prepared.group.addresses {
             report::line(&format!(
                 "listening on {} ({slots} slots, policy {})",
-                a.addr, args.policy
+                a.addr,
+                balancer::control::protocol::PolicyName::from(policy)
+            ));
+        }
+        if let Some(pid) = prepared.adopted_from {
+            report::line(&format!(
+                "adopted {} worker(s) of group {} from controller pid {pid}",
+                prepared.adopted_pidfds.len(),
+                prepared.name
             ));
         }
         info!(
@@ -193,18 +220,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 command,
                 slots,
                 policy,
+                weights,
+                record_dir: prepared.record_dir,
+                inherited: prepared.inherited,
+                adopted_pidfds: prepared.adopted_pidfds,
                 layout,
                 pin_workers: args.pin_workers,
                 ready_timeout: args.ready_timeout,
                 grace: args.grace,
                 bpf_stats: args.bpf_stats,
-                spill_depth: args.spill_depth,
+                spill_depth,
                 sample_interval: args.sample_interval,
                 stall_timeout: args.stall_timeout,
                 evacuate: args.evacuate,
                 kill_stalled: args.kill_stalled,
             },
-            group,
+            prepared.group,
             steering,
             requests,
             manager,
@@ -216,35 +247,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         drop(control);
         result
     })
-}
-
-/// Where to pin for bpftool: the given directory (which must be on a BPF filesystem), else
-/// `/sys/fs/bpf/balancer/<pid>` when that is a BPF filesystem, else nowhere (with a warning).
-fn pin_dir(asked: Option<std::path::PathBuf>) -> anyhow::Result<Option<std::path::PathBuf>> {
-    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-    let on_bpffs = |p: &std::path::Path| {
-        let mut probe = p.to_path_buf();
-        while !probe.exists() {
-            if !probe.pop() {
-                return false;
-            }
-        }
-        nix::sys::statfs::statfs(&probe).is_ok_and(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC)
-    };
-    match asked {
-        Some(dir) if on_bpffs(&dir) => Ok(Some(dir)),
-        Some(dir) => anyhow::bail!(
-            "--bpffs-dir {} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or choose a directory under it",
-            dir.display()
-        ),
-        None if on_bpffs(std::path::Path::new("/sys/fs/bpf")) => Ok(Some(
-            std::path::PathBuf::from(format!("/sys/fs/bpf/balancer/{}", std::process::id())),
-        )),
-        None => {
-            warn!("/sys/fs/bpf is not a BPF filesystem: the program and maps are not pinned for bpftool");
-            Ok(None)
-        }
-    }
 }
 
 /// Sends one request to a running controller and prints the reply.

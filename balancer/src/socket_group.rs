@@ -98,6 +98,42 @@ impl SocketGroup {
         Ok(Self { addresses, backlog })
     }
 
+    /// The group of a controller that died, taken over: `adopted[slot]` holds copies of the
+    /// sockets of the slots whose worker still runs (one per address, in address order); the
+    /// other slots get new sockets on the same addresses, which join the same reuseport
+    /// groups (they live as long as any of their sockets).
+    pub fn adopt(
+        listen: &[SocketAddr],
+        mut adopted: Vec<Option<Vec<Socket>>>,
+        backlog: u32,
+    ) -> Result<Self, SocketGroupError> {
+        let mut addresses: Vec<AddressGroup> = listen
+            .iter()
+            .map(|addr| AddressGroup {
+                addr: *addr,
+                sockets: Vec::with_capacity(adopted.len()),
+            })
+            .collect();
+        for slot in adopted.iter_mut() {
+            match slot.take() {
+                Some(sockets) if sockets.len() == addresses.len() => {
+                    for (a, s) in addresses.iter_mut().zip(sockets) {
+                        a.sockets.push(s);
+                    }
+                }
+                _ => {
+                    for a in &mut addresses {
+                        bind_sockets(a.addr, &mut a.sockets, 1, backlog)?;
+                    }
+                }
+            }
+        }
+        for a in &addresses {
+            check_no_foreign_members(a.addr, &a.sockets)?;
+        }
+        Ok(Self { addresses, backlog })
+    }
+
     /// Adds sockets to every address until there are `slots` per address; they join the
     /// same reuseport groups.
     pub fn grow(&mut self, slots: u32) -> Result<(), SocketGroupError> {

@@ -31,6 +31,10 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/balancer.bpf.o"
 /// into that buffer again makes a torn read impossible in practice.
 const QUIESCE: Duration = Duration::from_millis(2);
 
+/// How long an adopting controller waits for the kernel to free the dead controller's socket
+/// arrays (deferred work after the old program is replaced).
+const HELD_WAIT: Duration = Duration::from_secs(5);
+
 /// Why steering could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
@@ -95,6 +99,31 @@ struct Instance {
     counters: PerCpuArray<MapData, SlotCounters>,
 }
 
+impl Instance {
+    /// Writes carried counters in (on CPU 0's copy; readers sum over CPUs).
+    fn seed_counters(&mut self, counters: &[SlotCounters]) {
+        let cpus = match aya::util::nr_cpus() {
+            Ok(n) => n,
+            Err((_, e)) => {
+                warn!("cannot count CPUs to carry the counters over: {e}");
+                return;
+            }
+        };
+        for (index, c) in (0u32..).zip(counters) {
+            let mut values = vec![SlotCounters::default(); cpus];
+            if let Some(first) = values.first_mut() {
+                *first = *c;
+            }
+            let written = PerCpuValues::try_from(values)
+                .map_err(|e| e.to_string())
+                .and_then(|v| self.counters.set(index, v, 0).map_err(|e| e.to_string()));
+            if let Err(e) = written {
+                warn!("carrying counter {index} over ({}): {e}", self.addr);
+            }
+        }
+    }
+}
+
 /// Decision counters of one listen address.
 #[derive(Clone, Debug)]
 pub struct AddressCounters {
@@ -128,12 +157,17 @@ impl Steering {
     /// empty maps. Must run inside the tokio runtime (eBPF log lines are read by a task).
     /// With `pin_dir`, the program and maps of each address are pinned under
     /// `pin_dir/<address>/` for `bpftool`; [`Steering::unpin`] removes them.
+    ///
+    /// `carried[address]` are the counters a dead controller's program left (read from its
+    /// pins by [`pinned_counters`]): they are written in before the program is attached, so
+    /// that an adopted group's counters continue.
     pub fn attach(
         group: &SocketGroup,
         slots: u32,
         (policy, spill_depth): (PolicyKind, u32),
         tables: &Tables,
         pin_dir: Option<&Path>,
+        carried: &[Option<Vec<SlotCounters>>],
     ) -> Result<Self, SteeringError> {
         check_object()?;
         let mut instances = Vec::with_capacity(group.addresses.len());
@@ -198,8 +232,17 @@ impl Steering {
             active: 1,
             switched_at: None,
         };
-        steering.publish_sockets(group, 0..slots)?;
+        // An adopted socket is still in the dead controller's socket array (a socket can be in
+        // one at a time), which lives as long as the old program: it goes in after ours is
+        // attached. Meanwhile selections of its slot fail and the kernel's hash picks a
+        // socket of the group: late steering, nothing lost.
+        let held = steering.publish_sockets_but_held(group, 0..slots)?;
         steering.write(policy, spill_depth, tables)?;
+        for (instance, carried) in steering.instances.iter_mut().zip(carried) {
+            if let Some(counters) = carried {
+                instance.seed_counters(counters);
+            }
+        }
         for (instance, address) in steering.instances.iter_mut().zip(&group.addresses) {
             let program: &mut SkReuseport = instance
                 .ebpf
@@ -214,7 +257,73 @@ impl Steering {
                     source,
                 })?;
         }
+        steering.publish_held(group, held)?;
         Ok(steering)
+    }
+
+    /// Like [`Steering::publish_sockets`], but a socket still held by another socket array
+    /// (`EBUSY`) is returned as (instance, slot) instead of failing.
+    fn publish_sockets_but_held(
+        &mut self,
+        group: &SocketGroup,
+        slots: std::ops::Range<u32>,
+    ) -> Result<Vec<(usize, u32)>, SteeringError> {
+        let mut held = Vec::new();
+        for (n, (i, address)) in self.instances.iter_mut().zip(&group.addresses).enumerate() {
+            for slot in slots.clone() {
+                match i.sockets.set(slot, &address.sockets[slot as usize], 0) {
+                    Ok(()) => {}
+                    Err(e) if io_errno(&e) == Some(libc::EBUSY) => held.push((n, slot)),
+                    Err(source) => {
+                        return Err(SteeringError::Map {
+                            what: format!("publishing slot {slot}'s socket ({})", i.addr),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Publishes the sockets a dead controller's array held, once the kernel has freed that
+    /// array (it goes with the old program, which ours just replaced).
+    fn publish_held(
+        &mut self,
+        group: &SocketGroup,
+        mut held: Vec<(usize, u32)>,
+    ) -> Result<(), SteeringError> {
+        let deadline = Instant::now() + HELD_WAIT;
+        while !held.is_empty() {
+            let mut still = Vec::new();
+            for (n, slot) in held {
+                let (Some(i), Some(address)) = (self.instances.get_mut(n), group.addresses.get(n))
+                else {
+                    continue;
+                };
+                match i.sockets.set(slot, &address.sockets[slot as usize], 0) {
+                    Ok(()) => {}
+                    Err(e) if io_errno(&e) == Some(libc::EBUSY) && Instant::now() < deadline => {
+                        still.push((n, slot));
+                    }
+                    Err(source) => {
+                        return Err(SteeringError::Map {
+                            what: format!(
+                                "publishing slot {slot}'s adopted socket ({}); is another process holding the old program or its maps (bpftool prog show)?",
+                                i.addr
+                            ),
+                            source,
+                        })
+                    }
+                }
+            }
+            held = still;
+            if !held.is_empty() {
+                // Start-up only: the runtime has nothing else to do yet.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
     }
 
     /// Publishes new tables: written whole into the inactive buffer, then made active by one
@@ -386,6 +495,41 @@ impl Steering {
         for address in &group.addresses {
             if let Err(e) = SkReuseport::detach(&address.sockets[0]) {
                 warn!("detaching the steering program from {}: {e}", address.addr);
+            }
+        }
+    }
+}
+
+/// The counters pinned under `dir` for each address (index = counter entry, summed over
+/// CPUs), as a dead controller's program left them; `None` where nothing readable is pinned.
+pub fn pinned_counters(dir: &Path, addrs: &[SocketAddr]) -> Vec<Option<Vec<SlotCounters>>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let path = address_dir(dir, *addr).join(maps::COUNTERS);
+            let data = MapData::from_pin(&path).ok()?;
+            let map = aya::maps::Map::from_map_data(data).ok()?;
+            let counters: PerCpuArray<MapData, SlotCounters> = map.try_into().ok()?;
+            (0..balancer_common::COUNTER_ENTRIES)
+                .map(|i| {
+                    let per_cpu = counters.get(&i, 0).ok()?;
+                    let mut sum = SlotCounters::default();
+                    per_cpu.iter().for_each(|c| sum.add(c));
+                    Some(sum)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Removes what a dead controller pinned for `addrs` under `dir` (its address directories
+/// only), so that the new program and maps can be pinned there.
+pub fn unpin_addresses(dir: &Path, addrs: &[SocketAddr]) {
+    for addr in addrs {
+        let at = address_dir(dir, *addr);
+        if let Err(e) = std::fs::remove_dir_all(&at) {
+            if e.kind() != io::ErrorKind::NotFound {
+                warn!("removing stale pins under {}: {e}", at.display());
             }
         }
     }

@@ -37,7 +37,17 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let notify = NotifySocket::bind().context("creating the NOTIFY_SOCKET for workers")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let (command, slots, settings, steer) = config.split();
+    let (start, settings, steer) = config.split();
+    // Workers outlive us, but while we run we reap what they leave: a worker's orphaned
+    // children are reparented to us, not to init.
+    // SAFETY: prctl with an integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } < 0 {
+        warn!(
+            "cannot become the workers' subreaper: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut chld = signal(SignalKind::child())?;
     // Without a watchdog the timer never fires: no wake-up is added.
     let mut watchdog = manager
         .watchdog_interval()
@@ -45,10 +55,12 @@ pub async fn run(
     let host = RealHost::new(
         group,
         steering,
-        command,
+        start.command,
         notify.env_value().to_owned(),
         tx,
         manager,
+        start.record_dir,
+        start.adopted_pidfds,
     );
     let mut tick = tokio::time::interval(settings.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -56,10 +68,19 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut sup = Supervisor::new(host, settings, steer, slots);
-    sup.start();
+    let mut sup = Supervisor::new(host, settings, steer, start.slots);
+    match start.inherited {
+        Some(inherited) => sup.adopt(inherited).await,
+        None => sup.start(),
+    }
+    sup.save_record();
     loop {
         tokio::select! {
+            _ = chld.recv() => {
+                for event in sup.host_mut().reap() {
+                    sup.handle(event).await;
+                }
+            }
             Some(event) = rx.recv() => sup.handle(event).await,
             msg = notify.recv() => match msg {
                 Ok(msg) => {
@@ -74,7 +95,11 @@ pub async fn run(
             Some((request, reply)) = commands.recv() => {
                 sup.on_request(request, Responder::to(reply)).await;
             }
-            _ = tick.tick() => sup.on_sample().await,
+            _ = tick.tick() => {
+                sup.on_sample().await;
+                // Samples change nothing the record keeps.
+                continue;
+            }
             _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
             _ = int.recv() => { info!("SIGINT: stopping workers"); break; }
             _ = hup.recv() => {
@@ -84,8 +109,9 @@ pub async fn run(
             _ = usr1.recv() => sup.print_report(),
             _ = tick_watchdog(&mut watchdog) => sup.host_mut().tell_manager("WATCHDOG=1"),
         }
+        sup.save_record();
     }
-    shutdown(&mut sup, &mut rx).await;
+    shutdown(&mut sup, &mut rx, &mut chld).await;
     Ok(())
 }
 
@@ -101,13 +127,22 @@ async fn tick_watchdog(watchdog: &mut Option<tokio::time::Interval>) {
 
 /// SIGTERM to every worker, SIGKILL after the grace, then waits for the exits (at most
 /// [`REAP_WAIT`] more) and detaches the program.
-async fn shutdown(sup: &mut Supervisor<RealHost>, rx: &mut mpsc::UnboundedReceiver<Event>) {
+async fn shutdown(
+    sup: &mut Supervisor<RealHost>,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    chld: &mut tokio::signal::unix::Signal,
+) {
     sup.begin_shutdown();
     let grace = sup.grace();
     let deadline = tokio::time::Instant::now() + grace;
     let mut killed = false;
     while sup.workers_left() {
         tokio::select! {
+            _ = chld.recv() => {
+                for event in sup.host_mut().reap() {
+                    sup.handle(event).await;
+                }
+            }
             Some(event) = rx.recv() => {
                 // Timers no longer matter: only exits are waited for.
                 if let Event::Exited { .. } = event {
@@ -127,4 +162,6 @@ async fn shutdown(sup: &mut Supervisor<RealHost>, rx: &mut mpsc::UnboundedReceiv
         }
     }
     sup.finish_shutdown();
+    // Stopped on purpose: there is nothing for a successor to adopt.
+    sup.host_mut().forget_record();
 }

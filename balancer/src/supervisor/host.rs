@@ -7,7 +7,10 @@ use std::{fmt, io, net::SocketAddr, process::ExitStatus, time::Duration, time::I
 use balancer_common::{PolicyKind, Tables};
 use nix::sys::signal::Signal;
 
-use super::slot::{Generation, TimerToken};
+use super::{
+    settings::Steer,
+    slot::{Generation, TimerToken},
+};
 use crate::{
     report::SlotView, socket_group::SocketGroupError, steering::AddressCounters,
     steering::SteeringError,
@@ -86,6 +89,19 @@ pub enum Event {
     Timer(Timer),
 }
 
+/// A slot as the group's record keeps it (see `group_state`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotSnapshot {
+    /// Its serving worker's pid.
+    pub pid: Option<u32>,
+    /// Whether that worker is ready.
+    pub ready: bool,
+    /// Drained by the operator.
+    pub drained: bool,
+    /// Times its worker was replaced.
+    pub restarts: u32,
+}
+
 /// A worker to re-pin after a scale: its process group moves to `cpus`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Repin {
@@ -143,6 +159,13 @@ pub trait Host {
         generation: Generation,
         cpus: Option<&[u32]>,
     ) -> Result<u32, HostError>;
+
+    /// Watches a worker a dead controller started (adopted at start): its exit arrives as
+    /// [`Event::Exited`] with `generation`, like a child's.
+    fn watch_adopted(&mut self, slot: u32, generation: Generation, pid: u32);
+
+    /// Records the group for a successor controller (written only when it changed).
+    fn save_record(&mut self, slots: &[SlotSnapshot], steer: &Steer);
 
     /// Signals a worker's process group.
     fn signal(&mut self, pid: u32, signal: Signal);

@@ -255,12 +255,7 @@ impl<H: Host> Supervisor<H> {
             }
             _ => return,
         }
-        if !self.announced_ready && self.slots.iter().all(|s| s.ready()) {
-            self.announced_ready = true;
-            let line = format!("ready: {} workers", self.slots.len());
-            self.host.announce(&line);
-            self.host.tell_manager("READY=1");
-        }
+        self.announce_if_ready();
     }
 
     /// Tells a replaced worker to stop: it finishes what it accepted while its successor

@@ -4,13 +4,13 @@
 //! models in `views`; none of them touches the world except through [`Host`].
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, info, warn};
 
 use super::{
-    host::{Host, Publish},
+    host::{Host, Publish, SlotSnapshot, Timer},
     operation::Operation,
-    settings::{Settings, Steer},
-    slot::{Ids, Membership, Phase, Slot},
+    settings::{InheritedSlot, Settings, Steer},
+    slot::{Ids, Membership, Occupant, Phase, Slot, Worker},
 };
 use crate::{
     control::protocol::PolicyName,
@@ -132,6 +132,75 @@ impl<H: Host> Supervisor<H> {
             error!("publishing the steering tables failed: {e}");
         }
         self.tell_manager_status();
+    }
+
+    /// Keeps the group's record for a successor controller (the host writes it when it
+    /// changed).
+    pub fn save_record(&mut self) {
+        let slots: Vec<SlotSnapshot> = self
+            .slots
+            .iter()
+            .map(|s| SlotSnapshot {
+                pid: s.current().map(|w| w.pid),
+                ready: s.ready(),
+                drained: s.membership == Membership::Drained,
+                restarts: s.crashes.restarts,
+            })
+            .collect();
+        self.host.save_record(&slots, &self.steer);
+    }
+
+    /// Takes over the slots a dead controller left: their adopted workers are watched and
+    /// serve on (ready ones in the tables at once), the others get a new worker.
+    pub async fn adopt(&mut self, inherited: Vec<InheritedSlot>) {
+        let mut inherited = inherited.into_iter();
+        for slot in 0..self.slot_count() {
+            let s = inherited.next().unwrap_or(InheritedSlot {
+                worker: None,
+                drained: false,
+                restarts: 0,
+            });
+            let state = &mut self.slots[slot as usize];
+            state.membership = if s.drained {
+                Membership::Drained
+            } else {
+                Membership::Active
+            };
+            state.crashes.restarts = s.restarts;
+            let Some((pid, ready)) = s.worker else {
+                self.spawn_current(slot);
+                continue;
+            };
+            let generation = self.ids.generation();
+            state.occupant = Occupant::Serving(Worker {
+                pid,
+                generation,
+                since: self.host.now(),
+                ready,
+            });
+            self.host.watch_adopted(slot, generation, pid);
+            info!(
+                "slot {slot}: adopted worker pid {pid}{}",
+                if ready { " (ready)" } else { "" }
+            );
+            if !ready {
+                self.host
+                    .schedule(self.settings.ready_timeout, Timer::ReadyTimeout(generation));
+            }
+        }
+        self.publish().await;
+        self.announce_if_ready();
+    }
+
+    /// Prints `ready: N workers` and tells the service manager READY=1, once: the first time
+    /// every slot's worker is ready.
+    pub(super) fn announce_if_ready(&mut self) {
+        if !self.announced_ready && self.slots.iter().all(|s| s.ready()) {
+            self.announced_ready = true;
+            let line = format!("ready: {} workers", self.slots.len());
+            self.host.announce(&line);
+            self.host.tell_manager("READY=1");
+        }
     }
 
     /// Tells the service manager how many slots take connections, when that changed.

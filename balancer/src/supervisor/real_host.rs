@@ -2,26 +2,37 @@
 //! tokio), tokio timers, and the socket group together with its steering maps, so that
 //! growing, shrinking and evacuating change both or neither.
 use std::{
+    collections::HashMap,
     ffi::OsString,
-    io,
     net::SocketAddr,
+    os::fd::OwnedFd,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use log::{error, info, warn};
 use nix::{
-    sys::signal::{killpg, Signal},
+    errno::Errno,
+    sys::{
+        signal::{killpg, Signal},
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    },
     unistd::Pid,
 };
-use tokio::sync::mpsc;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::mpsc,
+};
 
 use super::{
-    host::{Event, Host, HostError, Publish, Repin, Timer, WorkerExit},
+    host::{Event, Host, HostError, Publish, Repin, SlotSnapshot, Timer, WorkerExit},
+    settings::Steer,
     slot::Generation,
 };
 use crate::{
     activation::{self, WorkerLaunch},
     affinity,
+    group_state::{self, GroupRecord, ProcessId, SlotRecord, WorkerRecord, RECORD_VERSION},
     policy::CpuLayout,
     report::{self, SlotView},
     service_manager::ServiceManager,
@@ -38,11 +49,23 @@ pub struct RealHost {
     fd_names: String,
     events: mpsc::UnboundedSender<Event>,
     manager: ServiceManager,
+    /// Our children that are workers, by pid: the reaper turns their exits into events.
+    children: HashMap<u32, Generation>,
+    /// Pidfds of the workers adopted at start, until the supervisor watches them.
+    adopted: HashMap<u32, OwnedFd>,
+    /// Start times of the workers, for the record (a pid alone could be reused).
+    start_times: HashMap<u32, u64>,
+    /// Where the group's record goes, and the last one written.
+    record_dir: PathBuf,
+    record: Option<GroupRecord>,
+    me: Option<ProcessId>,
 }
 
 impl RealHost {
     /// A host for `group` steered by `steering`, starting `command` as workers that report
-    /// readiness to `notify_env`; events go to `events`, and `manager` hears how we are.
+    /// readiness to `notify_env`; events go to `events`, `manager` hears how we are, the
+    /// group's record is kept in `record_dir`, and `adopted` are the pidfds of the workers a
+    /// dead controller left.
     pub fn new(
         group: SocketGroup,
         steering: Steering,
@@ -50,9 +73,20 @@ impl RealHost {
         notify_env: String,
         events: mpsc::UnboundedSender<Event>,
         manager: ServiceManager,
+        record_dir: PathBuf,
+        adopted: Vec<(u32, OwnedFd)>,
     ) -> Self {
         Self {
             manager,
+            children: HashMap::new(),
+            start_times: adopted
+                .iter()
+                .filter_map(|(pid, _)| Some((*pid, group_state::start_time(*pid)?)))
+                .collect(),
+            adopted: adopted.into_iter().collect(),
+            record_dir,
+            record: None,
+            me: ProcessId::of(std::process::id()),
             fd_names: activation::fd_names(group.addresses.len()),
             group,
             steering,
@@ -85,6 +119,44 @@ fn cpu_set(slot: u32, cpus: &[u32]) -> Option<nix::sched::CpuSet> {
     }
 }
 
+impl RealHost {
+    /// Collects every child that exited: a worker's exit becomes an event; anything else
+    /// (a worker's orphaned child, reparented to us as their subreaper) is just reaped.
+    pub fn reap(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, WorkerExit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                    (pid, WorkerExit::Signal(signal as i32))
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return events,
+                Ok(_) => continue,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("reaping children: {e}");
+                    return events;
+                }
+            };
+            let pid = pid.as_raw() as u32;
+            if let Some(generation) = self.children.remove(&pid) {
+                self.start_times.remove(&pid);
+                events.push(Event::Exited {
+                    generation,
+                    pid,
+                    how,
+                });
+            }
+        }
+    }
+
+    /// Removes the group's record: a deliberate shutdown leaves nothing to adopt.
+    pub fn forget_record(&mut self) {
+        GroupRecord::remove(&self.record_dir);
+        self.record = None;
+    }
+}
+
 impl Host for RealHost {
     fn now(&self) -> Instant {
         Instant::now()
@@ -104,22 +176,75 @@ impl Host for RealHost {
             notify_socket: &self.notify_env,
             cpus: cpus.and_then(|c| cpu_set(slot, c)),
         };
-        let mut child = activation::spawn(launch).map_err(HostError::Spawn)?;
-        let pid = child.id().ok_or_else(|| {
-            HostError::Spawn(io::Error::other(
-                "the worker exited before its pid was read",
-            ))
-        })?;
+        let pid = activation::spawn(launch).map_err(HostError::Spawn)?;
+        // Not reaped before the reaper runs on this same thread: the pid stays ours until then.
+        self.children.insert(pid, generation);
+        if let Some(t) = group_state::start_time(pid) {
+            self.start_times.insert(pid, t);
+        }
+        Ok(pid)
+    }
+
+    fn watch_adopted(&mut self, slot: u32, generation: Generation, pid: u32) {
+        let Some(pidfd) = self.adopted.remove(&pid) else {
+            warn!("slot {slot}: adopted worker pid {pid} has no pidfd: its exit will not be seen");
+            return;
+        };
+        // SAFETY: the AsyncFd owns the pidfd, which stays open and unchanged until it is dropped.
+        let watch = match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("slot {slot}: watching adopted worker pid {pid}: {e}");
+                return;
+            }
+        };
         let tx = self.events.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            // A pidfd turns readable when its process exits.
+            let _ = watch.readable().await;
             let _ = tx.send(Event::Exited {
                 generation,
                 pid,
-                how: WorkerExit::from_wait(&status),
+                how: WorkerExit::Unknown(
+                    "exited (adopted from an earlier controller: its status is not known)".into(),
+                ),
             });
         });
-        Ok(pid)
+    }
+
+    fn save_record(&mut self, slots: &[SlotSnapshot], steer: &Steer) {
+        let Some(me) = self.me else { return };
+        let record = GroupRecord {
+            version: RECORD_VERSION,
+            controller: me,
+            listen: self.addresses(),
+            slots: slots
+                .iter()
+                .map(|s| SlotRecord {
+                    worker: s.pid.and_then(|pid| {
+                        Some(WorkerRecord {
+                            process: ProcessId {
+                                pid,
+                                start_time: *self.start_times.get(&pid)?,
+                            },
+                            ready: s.ready,
+                        })
+                    }),
+                    drained: s.drained,
+                    restarts: s.restarts,
+                })
+                .collect(),
+            policy: steer.policy.into(),
+            spill_depth: steer.spill_depth,
+            weights: steer.weights.clone(),
+        };
+        if self.record.as_ref() == Some(&record) {
+            return;
+        }
+        match record.save(&self.record_dir) {
+            Ok(()) => self.record = Some(record),
+            Err(e) => warn!("keeping the group's record for a successor: {e}"),
+        }
     }
 
     fn signal(&mut self, pid: u32, signal: Signal) {

@@ -1,6 +1,6 @@
 //! What the supervisor is told at start: the settings that never change, and the steering
 //! state the operator changes at run time (policy, spill depth, hash weights).
-use std::{ffi::OsString, time::Duration};
+use std::{ffi::OsString, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use balancer_common::PolicyKind;
 
@@ -26,6 +26,8 @@ pub struct SupervisorConfig {
     pub bpf_stats: bool,
     /// Spill depth for the cpu and hash policies (0: off).
     pub spill_depth: u32,
+    /// Hash weights at start (an adopted group keeps its own).
+    pub weights: Option<Vec<u32>>,
     /// How often accept-queue depths are sampled.
     pub sample_interval: Duration,
     /// Stall detection timeout.
@@ -34,6 +36,38 @@ pub struct SupervisorConfig {
     pub evacuate: bool,
     /// Kill workers stalled this long.
     pub kill_stalled: Option<Duration>,
+    /// Where the group's record is kept for a successor controller.
+    pub record_dir: PathBuf,
+    /// What a dead controller left: per slot, its worker (if adopted), drain and restarts;
+    /// `None` for a group started anew.
+    pub inherited: Option<Vec<InheritedSlot>>,
+    /// The pidfds of the adopted workers.
+    pub adopted_pidfds: Vec<(u32, OwnedFd)>,
+}
+
+/// A slot as a dead controller left it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InheritedSlot {
+    /// Its worker, adopted: pid and whether it was ready.
+    pub worker: Option<(u32, bool)>,
+    /// Drained by the operator.
+    pub drained: bool,
+    /// Times its worker was replaced.
+    pub restarts: u32,
+}
+
+/// What the event loop and the host get from the configuration besides the settings.
+pub struct Start {
+    /// Worker program and arguments.
+    pub command: Vec<OsString>,
+    /// Slots at start.
+    pub slots: u32,
+    /// See [`SupervisorConfig::record_dir`].
+    pub record_dir: PathBuf,
+    /// See [`SupervisorConfig::inherited`].
+    pub inherited: Option<Vec<InheritedSlot>>,
+    /// See [`SupervisorConfig::adopted_pidfds`].
+    pub adopted_pidfds: Vec<(u32, OwnedFd)>,
 }
 
 /// Settings fixed for the life of the controller.
@@ -81,11 +115,16 @@ pub struct Steer {
 }
 
 impl SupervisorConfig {
-    /// Splits the configuration: (worker command, slots at start, settings, steering state).
-    pub fn split(self) -> (Vec<OsString>, u32, Settings, Steer) {
+    /// Splits the configuration: what starting needs, the settings, the steering state.
+    pub fn split(self) -> (Start, Settings, Steer) {
         (
-            self.command,
-            self.slots,
+            Start {
+                command: self.command,
+                slots: self.slots,
+                record_dir: self.record_dir,
+                inherited: self.inherited,
+                adopted_pidfds: self.adopted_pidfds,
+            },
             Settings {
                 layout: self.layout,
                 pin_workers: self.pin_workers,
@@ -100,7 +139,7 @@ impl SupervisorConfig {
             Steer {
                 policy: self.policy,
                 spill_depth: self.spill_depth,
-                weights: None,
+                weights: self.weights,
             },
         )
     }

@@ -13,7 +13,8 @@ use crate::{
     report::SlotView,
     steering::AddressCounters,
     supervisor::{
-        host::{Event, Host, HostError, Publish, Repin, Timer, WorkerExit},
+        host::{Event, Host, HostError, Publish, Repin, SlotSnapshot, Timer, WorkerExit},
+        settings::Steer,
         slot::Generation,
     },
 };
@@ -22,6 +23,11 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Call {
     Spawn {
+        slot: u32,
+        pid: u32,
+    },
+    /// An adopted worker is watched.
+    Watch {
         slot: u32,
         pid: u32,
     },
@@ -78,6 +84,8 @@ pub struct FakeHost {
     pub depths: Vec<u32>,
     /// Connections the migrate program moved, as the counters show.
     pub migrated: u64,
+    /// The last record saved for a successor.
+    pub record: Vec<SlotSnapshot>,
     /// What the service manager was told, in order (kept apart from `calls`, which are the
     /// effects on workers, sockets and maps).
     pub manager: Vec<String>,
@@ -99,6 +107,7 @@ impl FakeHost {
             migrated: 0,
             migrate_on_shrink: 0,
             manager: Vec::new(),
+            record: Vec::new(),
             next_pid: 1000,
         }
     }
@@ -178,6 +187,15 @@ impl Host for FakeHost {
         self.started.push(Started { pid, generation });
         self.calls.push(Call::Spawn { slot, pid });
         Ok(pid)
+    }
+
+    fn watch_adopted(&mut self, slot: u32, generation: Generation, pid: u32) {
+        self.started.push(Started { pid, generation });
+        self.calls.push(Call::Watch { slot, pid });
+    }
+
+    fn save_record(&mut self, slots: &[SlotSnapshot], _steer: &Steer) {
+        self.record = slots.to_vec();
     }
 
     fn signal(&mut self, pid: u32, signal: Signal) {

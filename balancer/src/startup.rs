@@ -1,0 +1,186 @@
+//! Starting a controller: naming its group, adopting what a dead controller left (or binding
+//! a new group), and where the program and maps are pinned.
+use std::{
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use balancer_common::PolicyKind;
+use log::{info, warn};
+
+use crate::{
+    adoption::{self, Found},
+    group_state::{self, STATE_ROOT},
+    socket_group::SocketGroup,
+    supervisor::settings::InheritedSlot,
+};
+
+/// A group ready for the supervisor: new, or adopted.
+pub struct Prepared {
+    /// The group's name.
+    pub name: String,
+    /// Where its record is kept.
+    pub record_dir: PathBuf,
+    /// Its sockets.
+    pub group: SocketGroup,
+    /// Its slot count.
+    pub slots: u32,
+    /// Its policy, spill depth and hash weights (an adopted group keeps its own).
+    pub steer: (PolicyKind, u32, Option<Vec<u32>>),
+    /// Per slot, what a dead controller left; `None` for a new group.
+    pub inherited: Option<Vec<InheritedSlot>>,
+    /// The adopted workers' pidfds.
+    pub adopted_pidfds: Vec<(u32, OwnedFd)>,
+    /// The dead controller's pid, when adopting.
+    pub adopted_from: Option<u32>,
+}
+
+impl Prepared {
+    /// Which slots may take connections at once: an adopted ready worker's, unless drained.
+    /// A new group has none (every slot queues until its worker is ready).
+    pub fn live(&self) -> Vec<bool> {
+        match &self.inherited {
+            Some(slots) => slots
+                .iter()
+                .map(|s| s.worker.is_some_and(|(_, ready)| ready) && !s.drained)
+                .collect(),
+            None => vec![false; self.slots as usize],
+        }
+    }
+}
+
+/// Names the group, adopts it when a dead controller left live workers, else binds a new
+/// one with `slots` slots under `steer`.
+pub fn prepare(
+    listen: &[SocketAddr],
+    name: Option<String>,
+    slots: u32,
+    steer: (PolicyKind, u32),
+    backlog: u32,
+) -> anyhow::Result<Prepared> {
+    // With port 0 the real port exists only once bound: such a group has nothing to adopt.
+    let asked = name.or_else(|| {
+        listen
+            .iter()
+            .all(|a| a.port() != 0)
+            .then(|| group_state::derive_name(listen))
+    });
+    let root = Path::new(STATE_ROOT);
+    let found = match &asked {
+        Some(name) => adoption::find(&group_state::record_dir(root, name), name, listen)?,
+        None => Found::Nothing,
+    };
+    let Found::Group {
+        record,
+        mut workers,
+    } = found
+    else {
+        let group = SocketGroup::bind(listen, slots, backlog)?;
+        let bound: Vec<SocketAddr> = group.addresses.iter().map(|a| a.addr).collect();
+        let name = asked.unwrap_or_else(|| group_state::derive_name(&bound));
+        return Ok(Prepared {
+            record_dir: group_state::record_dir(root, &name),
+            name,
+            group,
+            slots,
+            steer: (steer.0, steer.1, None),
+            inherited: None,
+            adopted_pidfds: Vec::new(),
+            adopted_from: None,
+        });
+    };
+    let name = asked.unwrap_or_else(|| group_state::derive_name(&record.listen));
+    let mut inherited = Vec::with_capacity(record.slots.len());
+    let mut sockets = Vec::with_capacity(record.slots.len());
+    let mut pidfds = Vec::new();
+    for (i, s) in record.slots.iter().enumerate() {
+        let worker = workers.get_mut(i).and_then(Option::take);
+        inherited.push(InheritedSlot {
+            worker: worker.as_ref().map(|w| (w.pid, w.ready)),
+            drained: s.drained,
+            restarts: s.restarts,
+        });
+        match worker {
+            Some(w) => {
+                sockets.push(Some(w.sockets));
+                pidfds.push((w.pid, w.pidfd));
+            }
+            None => sockets.push(None),
+        }
+    }
+    let group = SocketGroup::adopt(&record.listen, sockets, backlog).with_context(|| {
+        format!(
+            "adopting group {name} (left by controller pid {})",
+            record.controller.pid
+        )
+    })?;
+    info!(
+        "group {name}: adopting {} worker(s) left by controller pid {}; {} slot(s) get a new worker",
+        pidfds.len(),
+        record.controller.pid,
+        record.slots.len() - pidfds.len()
+    );
+    Ok(Prepared {
+        record_dir: group_state::record_dir(root, &name),
+        name,
+        group,
+        slots: record.slots.len() as u32,
+        steer: (
+            record.policy.into(),
+            record.spill_depth,
+            record.weights.clone(),
+        ),
+        inherited: Some(inherited),
+        adopted_pidfds: pidfds,
+        adopted_from: Some(record.controller.pid),
+    })
+}
+
+/// The default BPF filesystem.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Where to pin for bpftool and for a successor controller: the given directory (which must
+/// be on a BPF filesystem), else `/sys/fs/bpf/balancer/<name>`, mounting a BPF filesystem on
+/// /sys/fs/bpf when none is there; else nowhere (with a warning).
+pub fn pin_dir(asked: Option<PathBuf>, name: &str) -> anyhow::Result<Option<PathBuf>> {
+    match asked {
+        Some(dir) if on_bpffs(&dir) => Ok(Some(dir)),
+        Some(dir) => anyhow::bail!(
+            "--bpffs-dir {} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or choose a directory under it",
+            dir.display()
+        ),
+        None => {
+            if !on_bpffs(Path::new(BPFFS)) {
+                if let Err(e) = mount_bpffs() {
+                    warn!("/sys/fs/bpf is not a BPF filesystem and mounting one failed ({e}): the program and maps are not pinned, and a restarted controller starts its counters anew");
+                    return Ok(None);
+                }
+                info!("mounted a BPF filesystem on {BPFFS}");
+            }
+            Ok(Some(Path::new(BPFFS).join("balancer").join(name)))
+        }
+    }
+}
+
+fn on_bpffs(p: &Path) -> bool {
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+    let mut probe = p.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            return false;
+        }
+    }
+    nix::sys::statfs::statfs(&probe).is_ok_and(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs() -> nix::Result<()> {
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+}
