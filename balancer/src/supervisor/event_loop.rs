@@ -14,7 +14,7 @@ use super::{
     host::{Event, Host},
     machine::Supervisor,
     operation::Responder,
-    real_host::RealHost,
+    real_host::{RealHost, Workers},
     settings::SupervisorConfig,
 };
 use crate::{
@@ -52,16 +52,12 @@ pub async fn run(
     let mut watchdog = manager
         .watchdog_interval()
         .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
-    let host = RealHost::new(
-        group,
-        steering,
-        start.command,
-        notify.env_value().to_owned(),
-        tx,
-        manager,
-        start.record_dir,
-        start.adopted_pidfds,
-    );
+    let workers = Workers {
+        command: start.command,
+        notify_env: notify.env_value().to_owned(),
+        adopted: start.adopted_pidfds,
+    };
+    let host = RealHost::new(group, steering, workers, tx, manager, start.record_dir);
     let mut tick = tokio::time::interval(settings.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut term = signal(SignalKind::terminate())?;

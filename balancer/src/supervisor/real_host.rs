@@ -40,6 +40,16 @@ use crate::{
     steering::{AddressCounters, Steering},
 };
 
+/// How the host starts workers, and the ones it inherits.
+pub struct Workers {
+    /// The worker program and its arguments.
+    pub command: Vec<OsString>,
+    /// `NOTIFY_SOCKET` for the workers.
+    pub notify_env: String,
+    /// Pidfds of the workers a dead controller left (adopted at start).
+    pub adopted: Vec<(u32, OwnedFd)>,
+}
+
 /// Processes, sockets, maps and timers of one controller.
 pub struct RealHost {
     group: SocketGroup,
@@ -62,20 +72,21 @@ pub struct RealHost {
 }
 
 impl RealHost {
-    /// A host for `group` steered by `steering`, starting `command` as workers that report
-    /// readiness to `notify_env`; events go to `events`, `manager` hears how we are, the
-    /// group's record is kept in `record_dir`, and `adopted` are the pidfds of the workers a
-    /// dead controller left.
+    /// A host for `group` steered by `steering`, starting `workers`; events go to `events`,
+    /// `manager` hears how we are, and the group's record is kept in `record_dir`.
     pub fn new(
         group: SocketGroup,
         steering: Steering,
-        command: Vec<OsString>,
-        notify_env: String,
+        workers: Workers,
         events: mpsc::UnboundedSender<Event>,
         manager: ServiceManager,
         record_dir: PathBuf,
-        adopted: Vec<(u32, OwnedFd)>,
     ) -> Self {
+        let Workers {
+            command,
+            notify_env,
+            adopted,
+        } = workers;
         Self {
             manager,
             children: HashMap::new(),
