@@ -12,6 +12,8 @@ use super::{
     settings::{InheritedSlot, Settings, Steer},
     slot::{Ids, Membership, Occupant, Phase, Slot, Worker},
 };
+use balancer_common::Tables;
+
 use crate::{
     control::protocol::PolicyName,
     policy::{build_tables, weights_void},
@@ -114,14 +116,24 @@ impl<H: Host> Supervisor<H> {
             .then(|| self.settings.layout.pinned_cpus(slot, self.layout_slots()))
     }
 
+    /// The tables for the slots live now. They are built over the slots that stay (those a
+    /// scale-down removes are the last ones): even when no slot is live and every slot
+    /// counts as live, no entry names a slot whose socket is about to close.
+    pub(super) fn tables(&self) -> (Vec<bool>, Box<Tables>) {
+        let staying = self.layout_slots().max(1);
+        let mut live = self.live();
+        live.truncate(staying as usize);
+        let weights = self.steer.weights.as_deref();
+        let tables = build_tables(&self.settings.layout, staying, &live, weights);
+        (live, tables)
+    }
+
     /// Builds the tables for the slots live now and publishes them.
     pub(super) async fn publish(&mut self) {
-        let live = self.live();
-        let weights = self.steer.weights.as_deref();
-        if weights_void(&live, weights) {
+        let (live, tables) = self.tables();
+        if weights_void(&live, self.steer.weights.as_deref()) {
             warn!("every live slot has weight 0: hash shares are equal until a weighted slot is live again");
         }
-        let tables = build_tables(&self.settings.layout, self.slot_count(), &live, weights);
         let publish = Publish {
             policy: self.steer.policy,
             spill_depth: self.steer.spill_depth,

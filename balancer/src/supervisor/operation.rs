@@ -235,8 +235,10 @@ impl<H: Host> Supervisor<H> {
             return;
         }
         let mut notes = Vec::new();
-        if self.steer.weights.take().is_some() {
-            warn!("scaling resets the hash weights to equal shares");
+        // Weights are per slot: a scale resets them, once it is under way (a scale that
+        // fails to start keeps them).
+        let reset_weights = self.steer.weights.is_some();
+        if reset_weights {
             notes.push("hash weights reset to equal shares".to_owned());
         }
         if self.steer.policy == PolicyKind::Cpu {
@@ -247,17 +249,25 @@ impl<H: Host> Supervisor<H> {
         }
         let note: String = notes.iter().map(|n| format!("; {n}")).collect();
         if target > n {
+            if let Err(e) = self.host.grow(n, target) {
+                reply.answer(Err(ErrorReply::new(ErrorKind::Failed, e.to_string())));
+                return;
+            }
+        }
+        if reset_weights {
+            warn!("scaling resets the hash weights to equal shares");
+            self.steer.weights = None;
+        }
+        if target > n {
             self.scale_up(n, target, note, reply).await;
         } else {
             self.scale_down(n, target, note, reply).await;
         }
     }
 
+    /// The group already grew to `target` sockets: new slots, their workers, the reply once
+    /// they are ready.
     async fn scale_up(&mut self, n: u32, target: u32, note: String, reply: Responder) {
-        if let Err(e) = self.host.grow(n, target) {
-            reply.answer(Err(ErrorReply::new(ErrorKind::Failed, e.to_string())));
-            return;
-        }
         self.slots.extend((n..target).map(|_| Slot::default()));
         let note = match self.repin_workers(n, target).await {
             Some(problem) => format!("{note}; warning: {problem}"),

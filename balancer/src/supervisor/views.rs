@@ -6,7 +6,7 @@ use log::error;
 use super::{host::Host, machine::Supervisor};
 use crate::{
     control::protocol::{PolicyReport, SlotStatus, StatusReport},
-    policy::{build_tables, describe},
+    policy::describe,
     report::SlotView,
 };
 
@@ -80,16 +80,16 @@ impl<H: Host> Supervisor<H> {
 
     /// The `policy` reply.
     pub fn policy_report(&self) -> PolicyReport {
-        let live = self.live();
-        let weights = self.steer.weights.as_deref();
-        let tables = build_tables(&self.settings.layout, self.slot_count(), &live, weights);
+        let (live, tables) = self.tables();
         let (cpu_table, hash_buckets) = describe(&self.settings.layout, self.slot_count(), &tables);
         PolicyReport {
             policy: self.steer.policy.into(),
             weights: self.steer.weights.clone(),
             spill_depth: self.steer.spill_depth,
-            live: (0..self.slot_count())
-                .filter(|s| live[*s as usize])
+            live: (0u32..)
+                .zip(&live)
+                .filter(|(_, l)| **l)
+                .map(|(s, _)| s)
                 .collect(),
             cpu_table,
             hash_buckets,

@@ -84,6 +84,8 @@ pub struct FakeHost {
     pub depths: Vec<u32>,
     /// Connections the migrate program moved, as the counters show.
     pub migrated: u64,
+    /// Whether growing the group fails (no more sockets).
+    pub fail_grow: bool,
     /// The last record saved for a successor.
     pub record: Vec<SlotSnapshot>,
     /// What the service manager was told, in order (kept apart from `calls`, which are the
@@ -108,6 +110,7 @@ impl FakeHost {
             migrate_on_shrink: 0,
             manager: Vec::new(),
             record: Vec::new(),
+            fail_grow: false,
             next_pid: 1000,
         }
     }
@@ -130,21 +133,17 @@ impl FakeHost {
         }
     }
 
-    /// Moves time on and returns the timers now due, earliest first (removed from the list).
-    pub fn advance(&mut self, by: Duration) -> Vec<Timer> {
-        self.now += by;
-        let now = self.now;
-        let mut due: Vec<(Instant, Timer)> = Vec::new();
-        self.timers.retain(|(at, t)| {
-            if *at <= now {
-                due.push((*at, *t));
-                false
-            } else {
-                true
-            }
-        });
-        due.sort_by_key(|(at, _)| *at);
-        due.into_iter().map(|(_, t)| t).collect()
+    /// Takes the earliest timer due by `until`, moving the clock to its time.
+    pub fn next_due(&mut self, until: Instant) -> Option<Timer> {
+        let (i, _) = self
+            .timers
+            .iter()
+            .enumerate()
+            .filter(|(_, (at, _))| *at <= until)
+            .min_by_key(|(_, (at, _))| *at)?;
+        let (at, timer) = self.timers.remove(i);
+        self.now = self.now.max(at);
+        Some(timer)
     }
 
     /// Forgets the calls recorded so far; returns them.
@@ -233,6 +232,11 @@ impl Host for FakeHost {
 
     fn grow(&mut self, from: u32, to: u32) -> Result<(), HostError> {
         assert_eq!(from, self.group_slots);
+        if self.fail_grow {
+            return Err(HostError::Spawn(std::io::Error::from_raw_os_error(
+                libc::EMFILE,
+            )));
+        }
         self.calls.push(Call::Grow { from, to });
         self.group_slots = to;
         self.depths.resize(to as usize, 0);
@@ -248,6 +252,10 @@ impl Host for FakeHost {
 
     fn evacuate(&mut self, slot: u32) -> Result<(), HostError> {
         self.calls.push(Call::Evacuate { slot });
+        // The queue moves to the live slots.
+        if let Some(d) = self.depths.get_mut(slot as usize) {
+            *d = 0;
+        }
         Ok(())
     }
 

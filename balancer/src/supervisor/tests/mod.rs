@@ -1,6 +1,7 @@
 //! The supervisor's decisions against a fake host: no root, no processes, no real time.
 //! Each test drives events, requests, samples and timers by hand and checks the effects the
 //! supervisor asked for, in order.
+mod adoption;
 mod fake_host;
 mod lifecycle;
 mod operations;
@@ -89,11 +90,14 @@ async fn exit(sup: &mut Sup, pid: u32, how: WorkerExit) {
     sup.handle(event).await;
 }
 
-/// Moves time on by `by` and fires the timers that fall due.
+/// Moves time on by `by`, firing each timer that falls due at its own time (including timers
+/// the handlers schedule meanwhile).
 async fn advance(sup: &mut Sup, by: Duration) {
-    for timer in sup.host_mut().advance(by) {
+    let until = sup.host().now + by;
+    while let Some(timer) = sup.host_mut().next_due(until) {
         sup.handle(Event::Timer(timer)).await;
     }
+    sup.host_mut().now = until;
 }
 
 /// Sends a request; the receiver has the outcome once the supervisor answered.

@@ -178,7 +178,7 @@ async fn drain_and_scale_refuse_to_leave_no_live_slot() {
     assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
     assert_eq!(sup.slots.len(), 2);
     assert!(sup.host().calls.is_empty(), "a refusal changes nothing");
-    // A down slot counts as not live too.
+    // A slot whose worker died (backing off) counts as not live too.
     let mut rx = ask(&mut sup, Request::Undrain { slot: 0 }).await;
     assert!(answered(&mut rx).is_ok());
     let p0 = pid(&sup, 0);
@@ -189,4 +189,180 @@ async fn drain_and_scale_refuse_to_leave_no_live_slot() {
     assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
     let mut rx = ask(&mut sup, Request::Drain { slot: 7 }).await;
     assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Invalid);
+}
+
+#[tokio::test]
+async fn an_old_worker_dying_mid_restart_leaves_the_successor_to_take_over() {
+    let mut sup = ready(2).await;
+    let old = pid(&sup, 0);
+    let mut rx = ask(&mut sup, Request::Restart { slot: Some(0) }).await;
+    let new = last_started(&sup);
+    sup.host_mut().take_calls();
+    exit(&mut sup, old, WorkerExit::Signal(9)).await;
+    // Out of the tables; not respawned: the successor is already starting.
+    assert_eq!(
+        sup.host().calls,
+        [Call::Publish {
+            policy: balancer_common::PolicyKind::Hash,
+            live: vec![1]
+        }]
+    );
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Starting);
+    assert!(sup.slots[0].current().is_none());
+    assert!(pending(&mut rx));
+    sup.on_notify_ready(new).await;
+    assert!(matches!(
+        sup.host().calls.last(),
+        Some(Call::Publish { live, .. }) if live == &[0, 1]
+    ));
+    match answered(&mut rx) {
+        Ok(Reply::Done { message }) => {
+            assert_eq!(message, format!("restarted: slot 0 pid - -> {new}"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(pid(&sup, 0), new);
+    assert_eq!(sup.slots[0].crashes.restarts, 1);
+    assert!(sup.host().signals().is_empty(), "nothing left to stop");
+}
+
+#[tokio::test]
+async fn a_restart_counts_and_a_starting_worker_being_replaced_can_still_become_ready() {
+    let mut sup = super::started_with(1, super::settings());
+    let first = pid(&sup, 0);
+    // Restart while the first worker is still starting.
+    let mut rx = ask(&mut sup, Request::Restart { slot: None }).await;
+    let new = last_started(&sup);
+    sup.on_notify_ready(first).await;
+    assert!(sup.slots[0].ready(), "the old worker serves meanwhile");
+    assert!(matches!(
+        sup.host().calls.iter().rev().find(|c| matches!(c, Call::Publish { .. })),
+        Some(Call::Publish { live, .. }) if live == &[0]
+    ));
+    sup.on_notify_ready(new).await;
+    assert!(answered(&mut rx).is_ok());
+    assert_eq!(sup.slots[0].crashes.restarts, 1);
+    assert_eq!(sup.host().signals(), [(first, Signal::SIGTERM)]);
+}
+
+#[tokio::test]
+async fn restarting_a_backing_off_slot_starts_it_now_and_forgets_its_crash_streak() {
+    let mut sup = ready(2).await;
+    for _ in 0..3 {
+        let victim = pid(&sup, 0);
+        exit(&mut sup, victim, WorkerExit::Code(1)).await;
+        advance(&mut sup, std::time::Duration::from_secs(1)).await;
+    }
+    let victim = pid(&sup, 0);
+    exit(&mut sup, victim, WorkerExit::Code(1)).await;
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::BackingOff);
+    assert_eq!(sup.slots[0].crashes.quick_exits, 4);
+    sup.host_mut().take_calls();
+    let mut rx = ask(&mut sup, Request::Restart { slot: Some(0) }).await;
+    assert!(
+        matches!(answered(&mut rx), Ok(Reply::Done { message }) if message.contains("slot 0 (was down)"))
+    );
+    assert!(matches!(
+        sup.host().calls.first(),
+        Some(Call::Spawn { slot: 0, .. })
+    ));
+    // The old backoff timer no longer starts anything; the next quick death waits 100 ms.
+    let spawned = |sup: &super::Sup| {
+        sup.host()
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Spawn { .. }))
+            .count()
+    };
+    advance(&mut sup, std::time::Duration::from_secs(2)).await;
+    assert_eq!(spawned(&sup), 1);
+    let victim = pid(&sup, 0);
+    sup.host_mut().take_calls();
+    exit(&mut sup, victim, WorkerExit::Code(1)).await;
+    assert!(sup.host().calls.iter().any(|c| matches!(
+        c,
+        Call::Schedule { delay, timer: crate::supervisor::host::Timer::Respawn { .. } }
+            if *delay == std::time::Duration::from_millis(100)
+    )));
+}
+
+#[tokio::test]
+async fn a_new_slot_whose_worker_dies_fails_the_scale_up_and_frees_the_controller() {
+    let mut sup = ready(2).await;
+    let mut rx = ask(&mut sup, Request::Scale { workers: 3 }).await;
+    let new = last_started(&sup);
+    assert!(pending(&mut rx));
+    exit(&mut sup, new, WorkerExit::Code(2)).await;
+    let outcome = answered(&mut rx);
+    assert_eq!(error_kind(&outcome), ErrorKind::Failed);
+    assert!(outcome
+        .unwrap_err()
+        .message
+        .contains(&format!("its worker pid {new} exited with status 2")));
+    assert!(sup.op.is_none());
+    assert_eq!(sup.slots[2].state(Phase::Running), SlotState::BackingOff);
+}
+
+#[tokio::test]
+async fn a_scale_up_that_cannot_grow_the_group_changes_nothing_and_keeps_the_weights() {
+    let mut sup = ready(2).await;
+    let mut rx = ask(
+        &mut sup,
+        Request::SetPolicy {
+            policy: crate::control::protocol::PolicyName::Hash,
+            weights: Some(vec![1, 3]),
+            spill_depth: None,
+        },
+    )
+    .await;
+    assert!(answered(&mut rx).is_ok());
+    sup.host_mut().fail_grow = true;
+    sup.host_mut().take_calls();
+    let mut rx = ask(&mut sup, Request::Scale { workers: 3 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Failed);
+    assert_eq!(sup.slots.len(), 2);
+    assert_eq!(sup.steer.weights, Some(vec![1, 3]));
+    assert!(sup.host().calls.is_empty(), "{:?}", sup.host().calls);
+    assert!(sup.op.is_none());
+    // A scale that goes ahead resets them, and says so.
+    sup.host_mut().fail_grow = false;
+    let mut rx = ask(&mut sup, Request::Scale { workers: 3 }).await;
+    let new = last_started(&sup);
+    sup.on_notify_ready(new).await;
+    assert!(
+        matches!(answered(&mut rx), Ok(Reply::Done { message }) if message.contains("hash weights reset"))
+    );
+    assert_eq!(sup.steer.weights, None);
+}
+
+#[tokio::test]
+async fn tables_never_name_a_slot_being_removed_even_when_no_slot_is_live() {
+    let mut sup = ready(3).await;
+    let (p0, p1, p2) = (pid(&sup, 0), pid(&sup, 1), pid(&sup, 2));
+    let mut rx = ask(&mut sup, Request::Scale { workers: 2 }).await;
+    assert!(pending(&mut rx));
+    // Both survivors die while slot 2's worker is still finishing.
+    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    exit(&mut sup, p1, WorkerExit::Signal(9)).await;
+    let published: Vec<Vec<u32>> = sup
+        .host()
+        .calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Publish { live, .. } => Some(live.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!published.is_empty());
+    assert!(
+        published.iter().all(|live| !live.contains(&2)),
+        "{published:?}"
+    );
+    assert_eq!(
+        published.last(),
+        Some(&vec![0, 1]),
+        "all staying slots queue for their successors"
+    );
+    exit(&mut sup, p2, WorkerExit::Code(0)).await;
+    assert!(answered(&mut rx).is_ok());
 }

@@ -59,12 +59,18 @@ async fn a_stalled_slot_is_evacuated_only_while_another_slot_is_live() {
     assert_eq!(sup.live(), [false, true]);
 }
 
+/// Samples every millisecond for `ms` milliseconds, leaving the queue depths as the host has
+/// them (an evacuation empties a queue).
+async fn sample_as_is(sup: &mut Sup, ms: u64) {
+    for _ in 0..ms {
+        super::advance(sup, Duration::from_millis(1)).await;
+        sup.on_sample().await;
+    }
+}
+
 #[tokio::test]
-async fn a_stall_takes_the_slot_out_evacuates_it_once_and_kill_stalled_kills_once() {
-    let mut s = settings();
-    s.kill_stalled = Some(Duration::from_secs(1));
-    let mut sup = ready_with(2, s).await;
-    let p0 = pid(&sup, 0);
+async fn a_stall_takes_the_slot_out_then_evacuates_it_once_and_it_rejoins() {
+    let mut sup = ready(2).await;
     let stall_ms = STALL_TIMEOUT.as_millis() as u64;
     // A queue that shrinks now and then is no stall.
     for _ in 0..4 {
@@ -72,7 +78,13 @@ async fn a_stall_takes_the_slot_out_evacuates_it_once_and_kill_stalled_kills_onc
         sample_for(&mut sup, &[5, 0], stall_ms / 2).await;
     }
     assert!(sup.host().calls.is_empty(), "{:?}", sup.host().calls);
-    sample_for(&mut sup, &[5, 0], stall_ms + 1).await;
+    // A queue that stays at 5: stalled within the stall timeout.
+    let mut waited = 0;
+    while sup.slots[0].state(Phase::Running) != SlotState::Stalled {
+        assert!(waited <= stall_ms, "no stall after {waited} ms");
+        sample_for(&mut sup, &[5, 0], 1).await;
+        waited += 1;
+    }
     let calls = sup.host().calls.clone();
     let publish = calls
         .iter()
@@ -83,6 +95,28 @@ async fn a_stall_takes_the_slot_out_evacuates_it_once_and_kill_stalled_kills_onc
         .position(|c| c == &Call::Evacuate { slot: 0 })
         .expect("its queue is evacuated");
     assert!(publish < evacuate, "{calls:?}");
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Stalled);
+    // The queue is empty now: no second evacuation, and the slot rejoins after the hold-off.
+    sample_as_is(&mut sup, 3 * stall_ms).await;
+    assert_eq!(count(&sup, |c| matches!(c, Call::Evacuate { .. })), 1);
+    assert_eq!(sup.live(), [true, true]);
+    assert!(matches!(
+        sup.host().calls.last(),
+        Some(Call::Publish { live, .. }) if live == &[0, 1]
+    ));
+}
+
+#[tokio::test]
+async fn kill_stalled_kills_a_stalled_worker_exactly_once() {
+    let mut s = settings();
+    s.kill_stalled = Some(Duration::from_secs(1));
+    s.evacuate = false;
+    let mut sup = ready_with(2, s).await;
+    let p0 = pid(&sup, 0);
+    let stall_ms = STALL_TIMEOUT.as_millis() as u64;
+    sample_for(&mut sup, &[5, 0], stall_ms + 1).await;
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Stalled);
+    assert_eq!(count(&sup, |c| matches!(c, Call::Evacuate { .. })), 0);
     let kills = |sup: &Sup| {
         count(sup, |c| {
             c == &Call::Signal {
@@ -91,11 +125,21 @@ async fn a_stall_takes_the_slot_out_evacuates_it_once_and_kill_stalled_kills_onc
             }
         })
     };
-    assert_eq!(kills(&sup), 0);
-    sample_for(&mut sup, &[5, 0], 1000).await;
+    sample_for(&mut sup, &[5, 0], 990).await;
+    assert_eq!(kills(&sup), 0, "not before --kill-stalled");
+    sample_for(&mut sup, &[5, 0], 20).await;
     assert_eq!(kills(&sup), 1);
     sample_for(&mut sup, &[5, 0], 2000).await;
     assert_eq!(kills(&sup), 1, "killed exactly once");
+    // Its death clears the stall: the successor serves, in the tables once ready.
+    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    sample_as_is(&mut sup, 100).await;
+    let p0 = last_started(&sup);
+    sup.on_notify_ready(p0).await;
+    sup.host_mut().depths = vec![0, 0];
+    sample_as_is(&mut sup, 5).await;
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Ready);
+    assert_eq!(sup.live(), [true, true]);
 }
 
 #[tokio::test]
