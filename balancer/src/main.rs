@@ -92,8 +92,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// A single-threaded runtime: the controller's work is light, and spawning every worker from
-/// the one thread that lives as long as the process is what makes PR_SET_PDEATHSIG reliable.
+/// A single-threaded runtime: the controller's work is light, and every decision, spawn and
+/// reap then happens on one thread, one event at a time.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
