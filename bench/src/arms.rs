@@ -90,6 +90,8 @@ pub struct Server {
     /// to the workers, so a dead worker's socket dies with it, as in a plain server).
     kept: Vec<Socket>,
     balancer: Option<(Child, PathBuf)>,
+    /// The balancer arm's `run` arguments, to start its controller again.
+    balancer_args: Vec<String>,
     _program: Option<Ebpf>,
     ctx_balancer: PathBuf,
 }
@@ -103,31 +105,26 @@ impl Server {
             workers: Vec::new(),
             kept: Vec::new(),
             balancer: None,
+            balancer_args: Vec::new(),
             _program: None,
             ctx_balancer: ctx.balancer.clone(),
         };
         match arm {
             Arm::Balancer(policy) => {
                 let control = ctx.scratch.join(format!("bench-{policy}.sock"));
-                let mut cmd = Command::new(&ctx.balancer);
-                cmd.args(["run", "--listen", "127.0.0.1:0", "--policy", policy])
-                    .args(["--workers", &ctx.workers.to_string()])
-                    .arg("--control")
-                    .arg(&control)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null());
+                let mut args: Vec<String> =
+                    ["--policy", policy, "--workers"].map(String::from).to_vec();
+                args.push(ctx.workers.to_string());
                 if policy == "cpu" {
-                    cmd.arg("--pin-workers");
+                    args.push("--pin-workers".into());
                 }
                 if bpf_stats {
-                    cmd.arg("--bpf-stats");
+                    args.push("--bpf-stats".into());
                 }
-                let mut child = cmd.spawn().context("starting balancer")?;
-                let out = child.stdout.take().context("balancer stdout")?;
-                let addr = read_listen_line(out)?;
+                let (child, addr) = start_balancer(&ctx.balancer, "127.0.0.1:0", &args, &control)?;
                 server.addr = addr;
                 server.balancer = Some((child, control));
+                server.balancer_args = args;
             }
             _ => {
                 let cpus = online_cpus();
@@ -263,6 +260,42 @@ impl Server {
         Ok(())
     }
 
+    /// Kills a balancer arm's controller with SIGKILL (its workers keep serving), then starts
+    /// it again with the same arguments on the same address: it adopts the workers.
+    pub fn restart_controller(&mut self) -> Result<()> {
+        let Some((mut child, control)) = self.balancer.take() else {
+            bail!("not a balancer arm");
+        };
+        // SAFETY: SIGKILL to our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        let (child, addr) = start_balancer(
+            &self.ctx_balancer,
+            &self.addr.to_string(),
+            &self.balancer_args,
+            &control,
+        )?;
+        if addr != self.addr {
+            bail!(
+                "the restarted controller listens on {addr}, not {}",
+                self.addr
+            );
+        }
+        // Adopted once it answers on its control socket.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.status(&control).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the restarted controller does not answer on {}",
+                    control.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.balancer = Some((child, control));
+        Ok(())
+    }
+
     /// SIGSTOP or SIGCONT to worker `slot`.
     pub fn signal_worker(&self, slot: u32, sig: libc::c_int) -> Result<()> {
         let pid = self
@@ -290,6 +323,14 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some((child, _)) = &mut self.balancer {
+            // Workers outlive a killed controller: SIGTERM, which stops them in order, and
+            // SIGKILL only if it does not end in time.
+            // SAFETY: SIGTERM to our child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -298,6 +339,29 @@ impl Drop for Server {
             let _ = w.wait();
         }
     }
+}
+
+/// Starts `balancer run --listen LISTEN ARGS --control CONTROL` and waits for its listening
+/// line; returns it with the bound address.
+fn start_balancer(
+    balancer: &Path,
+    listen: &str,
+    args: &[String],
+    control: &Path,
+) -> Result<(Child, SocketAddr)> {
+    let mut child = Command::new(balancer)
+        .args(["run", "--listen", listen])
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting balancer")?;
+    let out = child.stdout.take().context("balancer stdout")?;
+    let addr = read_listen_line(out)?;
+    Ok((child, addr))
 }
 
 fn listener(addr: SocketAddr, arm: Arm, cpu: u32) -> Result<Socket> {

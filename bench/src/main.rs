@@ -169,6 +169,10 @@ fn run(args: Args) -> Result<()> {
             bar.set_message("policy switches under load");
             reports[i].switch = Some(policy_switches(*arm, &ctx, &cpus, &plan)?);
         }
+        if let Arm::Balancer(_) = arm {
+            bar.set_message(format!("controller restarts {}", arm.name()));
+            reports[i].restart = Some(controller_restarts(*arm, &ctx, &cpus, &plan)?);
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -191,8 +195,8 @@ fn run(args: Args) -> Result<()> {
 
 fn plan_text(p: &Plan) -> String {
     format!(
-        "{} run(s) of {:?} closed-loop per arm; stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}",
-        p.runs, p.run, p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every
+        "{} run(s) of {:?} closed-loop per arm; stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}; controller restarts (balancer arms): closed loop for {:?}, the controller SIGKILLed and started again every 700 ms",
+        p.runs, p.run, p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every, p.kill_load
     )
 }
 
@@ -255,6 +259,23 @@ fn policy_switches(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result
         thread::sleep(Duration::from_millis(300));
         server.cli(&["policy", "set", policies[i % policies.len()]])?;
         i += 1;
+    }
+    finish_closed_loop(client, server)
+}
+
+/// Closed-loop load while the controller is killed with SIGKILL and started again (it adopts
+/// the running workers) once a second.
+fn controller_restarts(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<Scenario> {
+    let mut server = Server::start(arm, ctx, false)?;
+    let addr = server.addr;
+    let (cpus_owned, load) = (cpus.to_vec(), plan.kill_load);
+    let client = thread::spawn(move || closed_loop(addr, &cpus_owned, load));
+    let end = Instant::now() + plan.kill_load;
+    let every = Duration::from_millis(700);
+    thread::sleep(every / 2);
+    while Instant::now() + every < end {
+        server.restart_controller()?;
+        thread::sleep(every);
     }
     finish_closed_loop(client, server)
 }

@@ -36,6 +36,8 @@ pub struct ArmReport {
     pub kill: Option<Scenario>,
     /// Policy switches under load (balancer cpu arm).
     pub switch: Option<Scenario>,
+    /// Controller `kill -9` and restart (adoption) under load (balancer arms).
+    pub restart: Option<Scenario>,
 }
 
 impl ArmReport {
@@ -48,6 +50,7 @@ impl ArmReport {
             stall: None,
             kill: None,
             switch: None,
+            restart: None,
         }
     }
 
@@ -81,6 +84,7 @@ struct ArmJson<'a> {
     stopped_worker: Option<Scenario>,
     killed_workers: Option<Scenario>,
     policy_switches: Option<Scenario>,
+    controller_restarts: Option<Scenario>,
 }
 
 impl Report {
@@ -162,13 +166,13 @@ impl Report {
                 a.runs.iter().map(|r| r.failed).sum::<u64>(),
             );
         }
-        out.push_str("\n| arm | stopped worker: first byte > 1 s | timed out | failed | killed workers: failed connections | policy switches: failed |\n");
-        out.push_str("|---|---|---|---|---|---|\n");
+        out.push_str("\n| arm | stopped worker: first byte > 1 s | timed out | failed | killed workers: failed connections | policy switches: failed | controller kill -9 + restart: failed |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
         for a in &self.arms {
             let s = a.stall;
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 a.name,
                 s.map_or("–".into(), |s| format!(
                     "{} of {} ({:.2} %)",
@@ -183,6 +187,10 @@ impl Report {
                     k.failed, k.connections
                 )),
                 a.switch.map_or("–".into(), |k| format!(
+                    "{} of {}",
+                    k.failed, k.connections
+                )),
+                a.restart.map_or("–".into(), |k| format!(
                     "{} of {}",
                     k.failed, k.connections
                 )),
@@ -217,6 +225,7 @@ impl Report {
                 stopped_worker: a.stall,
                 killed_workers: a.kill,
                 policy_switches: a.switch,
+                controller_restarts: a.restart,
             })
             .collect();
         std::fs::write(
@@ -347,6 +356,16 @@ It builds the release binaries, runs the benchmark as root (through sudo when ne
             if let Some(s) = a.stall {
                 if s.connections == 0 {
                     bail!("{}: the stopped-worker scenario made no connection", a.name);
+                }
+            }
+            if let Some(r) = a.restart {
+                if r.connections == 0 || r.failed > 0 {
+                    bail!(
+                        "{}: {} of {} connections failed across controller kill -9 and restart",
+                        a.name,
+                        r.failed,
+                        r.connections
+                    );
                 }
             }
         }
