@@ -74,11 +74,19 @@ pub enum AdoptionError {
 /// Looks for group `name`'s record in `dir` and adopts what still runs of it. `listen` are
 /// the addresses asked for (with real ports). A record whose workers are all gone is removed:
 /// the group starts anew.
-pub fn find(dir: &Path, name: &str, listen: &[SocketAddr]) -> Result<Found, AdoptionError> {
+///
+/// `handing_over` is the pid of a live controller that is handing the group to us (an
+/// upgrade): its record is adopted although it still runs.
+pub fn find(
+    dir: &Path,
+    name: &str,
+    listen: &[SocketAddr],
+    handing_over: Option<u32>,
+) -> Result<Found, AdoptionError> {
     let Some(record) = GroupRecord::load(dir)? else {
         return Ok(Found::Nothing);
     };
-    if record.controller.alive() {
+    if record.controller.alive() && handing_over != Some(record.controller.pid) {
         return Err(AdoptionError::LiveController {
             name: name.to_owned(),
             pid: record.controller.pid,

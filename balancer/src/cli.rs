@@ -56,6 +56,14 @@ pub enum Command {
     /// Put a drained slot back into the tables.
     #[command(after_help = "Example:\n  balancer undrain --slot 1")]
     Undrain(SlotArgs),
+    /// Replace the controller with a new process of a new binary, with zero loss: it adopts
+    /// the workers, sockets and tables, and the old one exits without touching any worker.
+    /// If the new one is not ready within 30 s (or fails), the old one stays in charge and
+    /// the command fails with the reason. SIGUSR2 to the controller does the same.
+    #[command(
+        after_help = "Examples:\n  cp target/release/balancer /usr/bin/balancer && balancer upgrade\n  balancer upgrade --binary /opt/balancer-2/balancer"
+    )]
+    Upgrade(UpgradeArgs),
     /// The built-in worker: a small HTTP/1.1 server on the sockets it inherits.
     #[command(
         long_about = "The built-in worker: a small HTTP/1.1 server on the socket(s) it inherits by \
@@ -138,6 +146,16 @@ pub enum WorkersCommand {
         #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_SLOTS as i64))]
         workers: u32,
     },
+}
+
+/// `balancer upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The new binary [default: the path the controller was started from].
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
 }
 
 /// A slot of a running controller.

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod demo_worker;
 pub mod group_state;
+pub mod handover;
 pub mod metrics;
 pub mod notify;
 pub mod pidfd;

@@ -12,7 +12,7 @@ use balancer::{
     cli::{Cli, Command, ControlArgs, LogLevel, PolicyAction, PolicyArgs, RunArgs, WorkersCommand},
     control,
     control::{protocol::Request, server::ControlSocket},
-    demo_worker, metrics, policy,
+    demo_worker, handover, metrics, policy,
     policy::{build_tables, CpuLayout},
     privileges, report,
     service_manager::ServiceManager,
@@ -80,6 +80,12 @@ fn main() -> ExitCode {
         }
         Command::Drain(a) => control_call(&a.control, Request::Drain { slot: a.slot }),
         Command::Undrain(a) => control_call(&a.control, Request::Undrain { slot: a.slot }),
+        Command::Upgrade(a) => control_call(
+            &a.control,
+            Request::Upgrade {
+                binary: a.binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
+            },
+        ),
         Command::ExecWorker { .. } => unreachable!("handled above"),
     };
     match result {
@@ -102,6 +108,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Started by an upgrade: the old controller waits for us on this channel. Read (and the
+    // variable removed) while this process is still single-threaded.
+    let mut predecessor = handover::Predecessor::from_env();
+    let started_from = std::env::current_exe().context("finding this binary's path")?;
+    let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     steering::check_object()?;
     if args.kill_stalled.is_some() && args.stall_timeout.is_zero() {
         anyhow::bail!("--kill-stalled acts on stalled slots, but --stall-timeout 0 turns stall detection off: give --stall-timeout a duration");
@@ -110,6 +121,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // A bad NOTIFY_SOCKET or WATCHDOG_USEC is the manager's configuration error: say so
     // before anything is bound.
     let manager = ServiceManager::from_env()?;
+    let handing_over = match &mut predecessor {
+        Some(p) => {
+            p.hello()?;
+            Some(p.pid)
+        }
+        None => None,
+    };
+    let manager = match predecessor {
+        Some(p) => manager.with_predecessor(p),
+        None => manager,
+    };
     let command = match args.worker.split_first() {
         Some((program, rest)) => {
             let mut command = vec![activation::resolve_program(program)?.into_os_string()];
@@ -140,6 +162,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         slots,
         (policy, args.spill_depth),
         args.backlog,
+        handing_over,
     )?;
     let slots = prepared.slots;
     let (policy, spill_depth, weights) = prepared.steer.clone();
@@ -156,7 +179,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
-        let mut control = ControlSocket::bind(&args.control)?;
+        // An upgrade takes the old controller's path in one step.
+        let mut control = match handing_over {
+            Some(_) => ControlSocket::bind_over(&args.control)?,
+            None => ControlSocket::bind(&args.control)?,
+        };
         let _stats = if args.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -239,13 +266,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             steering,
             requests,
             manager,
+            supervisor::UpgradeContext {
+                control,
+                control_path: args.control.clone(),
+                started_from,
+                args: own_args,
+            },
         )
-        .await;
-        if let Some(dir) = &pin_dir {
+        .await?;
+        // After a handover the pins are the new controller's.
+        if let (supervisor::Exit::Stopped, Some(dir)) = (result, &pin_dir) {
             Steering::unpin(dir);
         }
-        drop(control);
-        result
+        Ok(())
     })
 }
 

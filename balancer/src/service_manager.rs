@@ -13,11 +13,14 @@ use std::{
 
 use log::warn;
 
-/// The manager's notify socket, when there is one.
-#[derive(Debug)]
+use crate::handover::Predecessor;
+
+/// The manager's notify socket, when there is one; and, during an upgrade, the controller
+/// handing over to us, which waits for our READY=1 too.
 pub struct ServiceManager {
     target: Option<(UnixDatagram, SocketAddr)>,
     watchdog: Option<Duration>,
+    predecessor: Option<Predecessor>,
 }
 
 /// Why the manager's notify socket cannot be used.
@@ -43,6 +46,7 @@ impl ServiceManager {
         Self {
             target: None,
             watchdog: None,
+            predecessor: None,
         }
     }
 
@@ -80,7 +84,14 @@ impl ServiceManager {
         Ok(Self {
             target: Some((socket, addr)),
             watchdog,
+            predecessor: None,
         })
+    }
+
+    /// Also tells `predecessor` (the controller handing over to us) when we are ready.
+    pub fn with_predecessor(mut self, predecessor: Predecessor) -> Self {
+        self.predecessor = Some(predecessor);
+        self
     }
 
     /// Whether a manager listens.
@@ -96,7 +107,21 @@ impl ServiceManager {
 
     /// Sends `KEY=VALUE` lines. A manager that went away is logged, never fatal: the
     /// controller keeps its workers serving whatever happens to the manager.
-    pub fn send(&self, text: &str) {
+    pub fn send(&mut self, text: &str) {
+        let ready = text.lines().any(|l| l == "READY=1");
+        let text = match self.predecessor.take() {
+            Some(mut predecessor) if ready => {
+                predecessor.ready();
+                // systemd learns the service's new main process with its readiness (the unit
+                // needs NotifyAccess=all for a message from a process that is not yet main).
+                format!("MAINPID={}\n{text}", std::process::id())
+            }
+            other => {
+                self.predecessor = other;
+                text.to_owned()
+            }
+        };
+        let text = text.as_str();
         if let Some((socket, addr)) = &self.target {
             if let Err(e) = socket.send_to_addr(text.as_bytes(), addr) {
                 warn!("telling the service manager {text:?}: {e}");
@@ -116,12 +141,13 @@ mod tests {
         let path = dir.join("notify");
         let _ = std::fs::remove_file(&path);
         let manager = UnixDatagram::bind(&path).unwrap();
-        let sm = ServiceManager {
+        let mut sm = ServiceManager {
             target: Some((
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_pathname(&path).unwrap(),
             )),
             watchdog: Some(Duration::from_secs(2)),
+            predecessor: None,
         };
         assert!(sm.active());
         assert_eq!(sm.watchdog_interval(), Some(Duration::from_secs(1)));
@@ -134,7 +160,7 @@ mod tests {
 
     #[test]
     fn without_a_manager_nothing_is_sent() {
-        let sm = ServiceManager::none();
+        let mut sm = ServiceManager::none();
         assert!(!sm.active());
         assert_eq!(sm.watchdog_interval(), None);
         sm.send("READY=1");

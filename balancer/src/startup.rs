@@ -51,14 +51,15 @@ impl Prepared {
     }
 }
 
-/// Names the group, adopts it when a dead controller left live workers, else binds a new
-/// one with `slots` slots under `steer`.
+/// Names the group, adopts it when a dead controller left live workers (or a live one hands
+/// it over: `handing_over`), else binds a new one with `slots` slots under `steer`.
 pub fn prepare(
     listen: &[SocketAddr],
     name: Option<String>,
     slots: u32,
     steer: (PolicyKind, u32),
     backlog: u32,
+    handing_over: Option<u32>,
 ) -> anyhow::Result<Prepared> {
     // With port 0 the real port exists only once bound: such a group has nothing to adopt.
     let asked = name.or_else(|| {
@@ -69,7 +70,12 @@ pub fn prepare(
     });
     let root = Path::new(STATE_ROOT);
     let found = match &asked {
-        Some(name) => adoption::find(&group_state::record_dir(root, name), name, listen)?,
+        Some(name) => adoption::find(
+            &group_state::record_dir(root, name),
+            name,
+            listen,
+            handing_over,
+        )?,
         None => Found::Nothing,
     };
     let Found::Group {

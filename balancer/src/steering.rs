@@ -261,6 +261,43 @@ impl Steering {
         Ok(steering)
     }
 
+    /// Takes every socket out of the socket arrays, so that a successor controller can put
+    /// them into its own (a socket can be in one array at a time). Until it does, the
+    /// program's selections fail and the kernel's hash picks a socket of the group.
+    pub fn withdraw_sockets(&mut self) {
+        for i in &mut self.instances {
+            for slot in 0..self.slots {
+                if let Err(e) = i.sockets.clear_index(&slot) {
+                    if io_errno(&e) != Some(libc::ENOENT) {
+                        warn!("withdrawing slot {slot}'s socket ({}): {e}", i.addr);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a handover failed: attaches this program again (replacing whatever the would-be
+    /// successor attached) and publishes every socket, waiting for the kernel to free the
+    /// successor's arrays where they still hold one.
+    pub fn reclaim(&mut self, group: &SocketGroup) -> Result<(), SteeringError> {
+        for (instance, address) in self.instances.iter_mut().zip(&group.addresses) {
+            let program: &mut SkReuseport = instance
+                .ebpf
+                .program_mut(PROGRAM_SELECT)
+                .ok_or(SteeringError::Missing("select program"))?
+                .try_into()
+                .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
+            program
+                .attach(&address.sockets[0])
+                .map_err(|source| SteeringError::Attach {
+                    addr: address.addr,
+                    source,
+                })?;
+        }
+        let held = self.publish_sockets_but_held(group, 0..self.slots)?;
+        self.publish_held(group, held)
+    }
+
     /// Like [`Steering::publish_sockets`], but a socket still held by another socket array
     /// (`EBUSY`) is returned as (instance, slot) instead of failing.
     fn publish_sockets_but_held(

@@ -79,6 +79,13 @@ pub enum Request {
         /// The slot.
         slot: u32,
     },
+    /// Hand the group over to a new controller process (a new binary), keeping every worker.
+    Upgrade {
+        /// The new binary; `None` for the path this controller was started from (re-resolved,
+        /// so a file replaced on disk is the new version).
+        #[serde(default)]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 impl Request {

@@ -52,10 +52,22 @@ this one its own --control PATH"
     },
 }
 
-/// The bound control socket; removes its path when dropped.
+/// The bound control socket; removes its path when dropped, if the path still names it.
 pub struct ControlSocket {
     path: PathBuf,
     listener: Option<UnixListener>,
+    /// The socket file's (device, inode): a successor may have put its own at the path.
+    file: Option<(u64, u64)>,
+    commands: Option<mpsc::Sender<Command>>,
+    accepting: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The (device, inode) of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl ControlSocket {
@@ -94,7 +106,59 @@ impl ControlSocket {
         Ok(Self {
             path: path.to_path_buf(),
             listener: Some(listener),
+            file: file_id(path),
+            commands: None,
+            accepting: None,
         })
+    }
+
+    /// Binds a new socket and puts it at `path` in one step (a rename over whatever is
+    /// there): a client connects to the old socket or to this one, never to nothing. An
+    /// upgrade's new controller takes the path from the old one this way.
+    pub fn bind_over(path: &Path) -> Result<Self, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.new", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).map_err(io_err)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+        let file = file_id(&tmp);
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(e));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            listener: Some(listener),
+            file,
+            commands: None,
+            accepting: None,
+        })
+    }
+
+    /// Puts this controller's socket back at the path if another one took it (an upgrade
+    /// that failed after the new controller had taken the path).
+    pub fn reclaim(&mut self) -> Result<(), ControlError> {
+        if self.file.is_some() && file_id(&self.path) == self.file {
+            return Ok(());
+        }
+        let mut fresh = Self::bind_over(&self.path)?;
+        if let Some(task) = self.accepting.take() {
+            task.abort();
+        }
+        self.file = fresh.file.take();
+        self.listener = fresh.listener.take();
+        if let Some(commands) = self.commands.clone() {
+            self.serve(commands);
+        }
+        Ok(())
     }
 
     /// Serves clients, forwarding their requests to `commands`.
@@ -102,7 +166,8 @@ impl ControlSocket {
         let Some(listener) = self.listener.take() else {
             return;
         };
-        tokio::spawn(async move {
+        self.commands = Some(commands.clone());
+        self.accepting = Some(tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
@@ -114,13 +179,16 @@ impl ControlSocket {
                     }
                 }
             }
-        });
+        }));
     }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // A successor's socket at the path is not ours to remove.
+        if self.file.is_some() && file_id(&self.path) == self.file {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -16,14 +16,31 @@ use super::{
     operation::Responder,
     real_host::{RealHost, Workers},
     settings::SupervisorConfig,
+    upgrade::{forward_pending, upgrade, UpgradeContext},
 };
 use crate::{
-    control::server::Command, notify::NotifySocket, service_manager::ServiceManager,
-    socket_group::SocketGroup, steering::Steering,
+    control::{
+        protocol::{Reply, Request},
+        server::Command,
+    },
+    notify::NotifySocket,
+    service_manager::ServiceManager,
+    socket_group::SocketGroup,
+    steering::Steering,
 };
 
 /// After SIGKILL on shutdown, how long to wait for the exits to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// How the controller ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped on purpose: every worker stopped, the record removed.
+    Stopped,
+    /// Handed over to a new controller (an upgrade): workers, sockets, program, pins and
+    /// record are its now; nothing of them may be touched on the way out.
+    HandedOver,
+}
 
 /// Runs the group: starts every worker, supervises them, serves `commands`, and stops the
 /// workers in order on SIGTERM/SIGINT. Returns after every worker has exited. `manager`
@@ -34,7 +51,8 @@ pub async fn run(
     steering: Steering,
     mut commands: mpsc::Receiver<Command>,
     manager: ServiceManager,
-) -> anyhow::Result<()> {
+    mut upgrades: UpgradeContext,
+) -> anyhow::Result<Exit> {
     let notify = NotifySocket::bind().context("creating the NOTIFY_SOCKET for workers")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (start, settings, steer) = config.split();
@@ -64,6 +82,7 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     let mut sup = Supervisor::new(host, settings, steer, start.slots);
     match start.inherited {
         Some(inherited) => sup.adopt(inherited).await,
@@ -89,7 +108,28 @@ pub async fn run(
                 Err(e) => warn!("reading NOTIFY_SOCKET: {e}"),
             },
             Some((request, reply)) = commands.recv() => {
-                sup.on_request(request, Responder::to(reply)).await;
+                if let Request::Upgrade { binary } = request {
+                    match upgrade(&mut sup, &mut upgrades, binary).await {
+                        Ok(message) => {
+                            let _ = reply.send(Ok(Reply::Done { message }));
+                            forward_pending(&mut commands, &upgrades).await;
+                            return Ok(Exit::HandedOver);
+                        }
+                        Err(e) => { let _ = reply.send(Err(e)); }
+                    }
+                } else {
+                    sup.on_request(request, Responder::to(reply)).await;
+                }
+            }
+            _ = usr2.recv() => {
+                info!("SIGUSR2: upgrading");
+                match upgrade(&mut sup, &mut upgrades, None).await {
+                    Ok(_) => {
+                        forward_pending(&mut commands, &upgrades).await;
+                        return Ok(Exit::HandedOver);
+                    }
+                    Err(e) => warn!("SIGUSR2: {e}"),
+                }
             }
             _ = tick.tick() => {
                 sup.on_sample().await;
@@ -108,7 +148,7 @@ pub async fn run(
         sup.save_record();
     }
     shutdown(&mut sup, &mut rx, &mut chld).await;
-    Ok(())
+    Ok(Exit::Stopped)
 }
 
 /// The next watchdog tick; never, without a watchdog.

@@ -19,11 +19,13 @@ mod sampling;
 pub mod settings;
 mod shutdown;
 pub mod slot;
+pub mod upgrade;
 mod views;
 
 #[cfg(test)]
 mod tests;
 
-pub use event_loop::run;
+pub use event_loop::{run, Exit};
 pub use machine::Supervisor;
 pub use settings::SupervisorConfig;
+pub use upgrade::UpgradeContext;

@@ -161,6 +161,26 @@ impl RealHost {
         }
     }
 
+    /// Forgets which record was written, so that the next save writes it whatever it holds
+    /// (a successor may have written its own meanwhile).
+    pub fn rewrite_record(&mut self) {
+        self.record = None;
+    }
+
+    /// Takes every socket out of the socket arrays (an upgrade's successor puts them in its
+    /// own).
+    pub fn withdraw_sockets(&mut self) {
+        self.steering.withdraw_sockets();
+    }
+
+    /// Attaches this controller's program again and publishes every socket (a handover that
+    /// failed).
+    pub fn reclaim_steering(&mut self) -> Result<(), HostError> {
+        self.steering
+            .reclaim(&self.group)
+            .map_err(HostError::Steering)
+    }
+
     /// Removes the group's record: a deliberate shutdown leaves nothing to adopt.
     pub fn forget_record(&mut self) {
         GroupRecord::remove(&self.record_dir);

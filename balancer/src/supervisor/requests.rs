@@ -30,8 +30,19 @@ impl<H: Host> Supervisor<H> {
             Request::Undrain { slot } => self.set_drained(slot, false).await,
             Request::Restart { slot } => return self.start_restart(slot, reply),
             Request::Scale { workers } => return self.start_scale(workers, reply).await,
+            // The event loop serves it (it replaces the whole process); a supervisor driven
+            // without one cannot.
+            Request::Upgrade { .. } => Err(ErrorReply::new(
+                ErrorKind::Failed,
+                "this controller cannot hand over: no event loop serves upgrades",
+            )),
         };
         reply.answer(outcome);
+    }
+
+    /// The refusal of a change while an operation runs, if one does.
+    pub fn busy(&self) -> Option<ErrorReply> {
+        self.op.as_ref().map(|op| op.busy())
     }
 
     /// Whether `slot` exists and is not being scaled away.
