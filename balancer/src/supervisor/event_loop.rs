@@ -113,6 +113,7 @@ pub async fn run(
                         Ok(message) => {
                             let _ = reply.send(Ok(Reply::Done { message }));
                             forward_pending(&mut commands, &upgrades).await;
+                            sup.print_report();
                             return Ok(Exit::HandedOver);
                         }
                         Err(e) => { let _ = reply.send(Err(e)); }
@@ -126,6 +127,7 @@ pub async fn run(
                 match upgrade(&mut sup, &mut upgrades, None).await {
                     Ok(_) => {
                         forward_pending(&mut commands, &upgrades).await;
+                        sup.print_report();
                         return Ok(Exit::HandedOver);
                     }
                     Err(e) => warn!("SIGUSR2: {e}"),
