@@ -1,0 +1,292 @@
+//! A running controller: started as `balancer run`, read through its stdout, stderr and control
+//! socket.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        mpsc::{self, Receiver, RecvTimeoutError},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use balancer::control::protocol::{ErrorReply, PolicyReport, StatusReport};
+
+use crate::{
+    balancer_bin, parse_cli_error, parse_report, require_root, run_to_end, unique_path,
+    wait_timeout, Finished, Report, IO_TIMEOUT, START_TIMEOUT,
+};
+
+/// A running controller.
+pub struct Balancer {
+    child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    lines: Receiver<String>,
+    stdout: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_done: Receiver<()>,
+    /// Bound listen addresses, in `--listen` order.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Balancer {
+    /// Starts `balancer run ARGS` and waits until every worker is ready.
+    pub fn start(args: &[&str]) -> Self {
+        let mut b = Self::start_unready(args);
+        b.wait_line(|l| l.starts_with("ready:"), START_TIMEOUT)
+            .unwrap_or_else(|| panic!("balancer did not become ready; stderr:\n{}", b.stderr()));
+        b
+    }
+
+    /// Starts `balancer run ARGS` and waits only for its listening lines. Without a `--listen`,
+    /// it listens on a free port of 127.0.0.1 (never the default 8080: tests run in parallel).
+    pub fn start_unready(args: &[&str]) -> Self {
+        Self::start_binary(&balancer_bin(), args)
+    }
+
+    /// Like [`Balancer::start_unready`], with another copy of the binary.
+    pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
+        require_root();
+        let control = unique_path("control.sock");
+        let own = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        let listen: &[&str] = if args[..own].contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
+        let mut child = Command::new(binary)
+            .arg("run")
+            .arg("--control")
+            .arg(&control)
+            .args(listen)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start balancer");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        // Dropped when the reader ends: at end of file, once the controller is gone.
+        let (stderr_open, stderr_done) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            let _open = stderr_open;
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut b = Self {
+            child,
+            control,
+            lines,
+            stdout: Vec::new(),
+            stderr,
+            stderr_done,
+            addrs: Vec::new(),
+        };
+        let listens = args.iter().filter(|a| **a == "--listen").count().max(1);
+        for _ in 0..listens {
+            b.wait_line(|l| l.starts_with("listening on "), START_TIMEOUT)
+                .unwrap_or_else(|| panic!("balancer did not start; stderr:\n{}", b.stderr()));
+        }
+        b.addrs = b
+            .stdout
+            .iter()
+            .filter_map(|l| {
+                l.strip_prefix("listening on ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(
+            !b.addrs.is_empty(),
+            "no `listening on` line: {:?}",
+            b.stdout
+        );
+        b
+    }
+
+    /// Runs `balancer ARGS --control <this controller's socket>` (the CLI), to completion.
+    pub fn cli(&self, args: &[&str]) -> Finished {
+        let control = self.control.to_str().unwrap().to_owned();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--control", &control]);
+        run_to_end(&all, |_| {})
+    }
+
+    /// `balancer status --json`, as the library's typed report. Panics with the text when it
+    /// does not parse.
+    pub fn status(&self) -> StatusReport {
+        self.json(&["status", "--json"])
+    }
+
+    /// `balancer policy --json`, as the library's typed report. Panics with the text when it
+    /// does not parse.
+    pub fn policy(&self) -> PolicyReport {
+        self.json(&["policy", "--json"])
+    }
+
+    /// Runs a CLI command that must succeed and print JSON of type `T`.
+    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let f = self.cli(args);
+        assert!(f.status.success(), "{args:?} failed: {}", f.stderr);
+        serde_json::from_str(&f.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} does not print a {}: {e}:\n{}",
+                std::any::type_name::<T>(),
+                f.stdout
+            )
+        })
+    }
+
+    /// Runs a control command with `--json` that the controller must refuse; returns its
+    /// typed error (the CLI prints `{"error": KIND, "message": …}` and exits non-zero).
+    pub fn cli_error(&self, args: &[&str]) -> ErrorReply {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let f = self.cli(&all);
+        assert!(
+            !f.status.success(),
+            "{args:?} must fail, but succeeded: {}",
+            f.stdout
+        );
+        parse_cli_error(&f.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: {e}\nstdout:\n{}\nstderr:\n{}",
+                f.stdout, f.stderr
+            )
+        })
+    }
+
+    /// The stdout lines read so far.
+    pub fn stdout_lines(&self) -> &[String] {
+        &self.stdout
+    }
+
+    /// The controller's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the controller logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for the controller's log (read by another thread) to satisfy
+    /// `pred`; returns the log either way.
+    pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if pred(&log) || Instant::now() >= deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for a stdout line matching `pred`; returns it.
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if pred(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Asks for the counters table (SIGUSR1) and returns it.
+    pub fn report(&mut self) -> Report {
+        self.signal(libc::SIGUSR1);
+        let n = self.stdout.len();
+        self.wait_line(|l| l.starts_with("ADDRESS"), IO_TIMEOUT)
+            .expect("counters header");
+        // The rows end with a blank line.
+        self.wait_line(|l| l.trim().is_empty(), IO_TIMEOUT)
+            .expect("end of counters table");
+        parse_report(&self.stdout[n..]).expect("the counters table that was waited for")
+    }
+
+    /// Sends a signal to the controller.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) on our child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status and the final counters.
+    pub fn stop(self) -> (ExitStatus, Report) {
+        let (status, report, _) = self.stop_with_log();
+        (status, report)
+    }
+
+    /// Like [`Balancer::stop`], also returning everything the controller logged.
+    pub fn stop_with_log(self) -> (ExitStatus, Report, String) {
+        self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits (20 s at most) for a controller that was told to stop to exit; returns the exit
+    /// status, the final counters table (which it must have printed) and everything it logged.
+    pub fn wait_exit(mut self) -> (ExitStatus, Report, String) {
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
+            panic!(
+                "balancer did not exit on SIGTERM; stderr:\n{}",
+                self.stderr()
+            )
+        });
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.stdout.push(line);
+        }
+        // The stderr reader ends when the last holder of the pipe (the controller) is gone.
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(5));
+        let log = self.stderr();
+        let report = parse_report(&self.stdout).unwrap_or_else(|| {
+            panic!(
+                "the controller ({status}) printed no counters table on exit; stdout:\n{}\nstderr:\n{log}",
+                self.stdout.join("\n")
+            )
+        });
+        (status, report, log)
+    }
+
+    /// Kills the controller with SIGKILL and reaps it.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
