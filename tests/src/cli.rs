@@ -53,6 +53,18 @@ pub fn run_to_end(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Finished 
     }
 }
 
+/// The stdout of a command that must have succeeded; panics with its output otherwise.
+pub fn ok(f: &Finished) -> &str {
+    assert!(
+        f.status.success(),
+        "command failed ({}):\n{}{}",
+        f.status,
+        f.stdout,
+        f.stderr
+    );
+    &f.stdout
+}
+
 /// The CLI's `--json` error output: `{"error": KIND, "message": TEXT}`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

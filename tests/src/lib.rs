@@ -7,13 +7,16 @@
 //! - [`process`]: whether a process runs, waiting for one to go;
 //! - [`cli`]: one-shot runs of the binary ([`run_to_end`]);
 //! - [`report`]: the counters table ([`parse_report`]);
-//! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]).
+//! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]);
+//! - [`load`], [`slots`]: what the control tests share.
 pub mod balancer;
 pub mod bpffs;
 pub mod cli;
+pub mod load;
 pub mod process;
 pub mod report;
 pub mod setup;
+pub mod slots;
 
 pub use balancer::Balancer;
 pub use balancer_bench::client::{
@@ -22,12 +25,14 @@ pub use balancer_bench::client::{
 };
 pub use balancer_common::SlotCounters;
 pub use bpffs::{pinned_dir, BpfFs};
-pub use cli::{parse_cli_error, run_to_end, Finished};
+pub use cli::{ok, parse_cli_error, run_to_end, Finished};
+pub use load::{Load, Phased, PHASE_ANSWERS};
 pub use process::{alive, wait_gone, wait_timeout};
 pub use report::{parse_report, Report, Row, Unattributed, COLUMNS};
 pub use setup::{
     balancer_bin, require_root, scratch_dir, two_or_more_cpus, unique_path, START_TIMEOUT,
 };
+pub use slots::{all_ready, pids, refusable_group, sum, worker_pids};
 
 pub use ::balancer::control::protocol::{
     ErrorKind, ErrorReply, PolicyName, PolicyReport, SlotState, SlotStatus, StatusReport,
