@@ -86,7 +86,7 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
 /// controller is free for the next command (no operation left pending).
 #[test]
 fn a_scale_up_whose_worker_fails_reports_it_and_takes_the_next_command() {
-    let (b, flag, script) = refusable_group();
+    let (mut b, flag, script) = refusable_group();
     let before = pids(&b.status());
     assert_eq!(before.len(), 2);
     std::fs::write(&flag, "").unwrap();
@@ -177,7 +177,7 @@ fn a_scale_repins_the_running_workers_and_their_children() {
     let cpus = two_or_more_cpus();
     let bin = balancer_bin();
     let n = cpus.len().to_string();
-    let b = Balancer::start(&[
+    let mut b = Balancer::start(&[
         "--workers",
         &n,
         "--policy",

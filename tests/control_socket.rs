@@ -221,7 +221,7 @@ fn metrics_are_served_in_prometheus_text_format() {
 fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
     let bpffs = BpfFs::mount();
     let dir = bpffs.path().join("group");
-    let b = Balancer::start(&["--workers", "2", "--bpffs-dir", dir.to_str().unwrap()]);
+    let mut b = Balancer::start(&["--workers", "2", "--bpffs-dir", dir.to_str().unwrap()]);
     let addr_dir = pinned_dir(&dir, b.addrs[0]);
     for name in [
         PROGRAM_SELECT,

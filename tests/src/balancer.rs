@@ -1,9 +1,9 @@
 //! A running controller: started as `balancer run`, read through its stdout, stderr and control
-//! socket.
+//! socket, and cleaned up with everything it started.
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         mpsc::{self, Receiver, RecvTimeoutError},
@@ -16,11 +16,51 @@ use std::{
 use balancer::control::protocol::{ErrorReply, PolicyReport, StatusReport};
 
 use crate::{
-    balancer_bin, parse_cli_error, parse_report, require_root, run_to_end, unique_path,
-    wait_timeout, Finished, Report, IO_TIMEOUT, START_TIMEOUT,
+    balancer_bin, kill_tagged, new_tag, parse_cli_error, parse_report, require_root, run_to_end,
+    unique_path, wait_timeout, Crashed, Finished, Report, IO_TIMEOUT, START_TIMEOUT, TAG_VAR,
 };
 
-/// A running controller.
+/// How a controller was started: `BINARY run --control PATH ARGS`, with
+/// `BALANCER_TEST_TAG=TAG` added to the test's environment.
+#[derive(Clone, Debug)]
+pub(crate) struct Launch {
+    pub(crate) binary: PathBuf,
+    pub(crate) control: PathBuf,
+    /// The `run` arguments after `--control PATH`, `--listen` included.
+    pub(crate) args: Vec<String>,
+    /// Empty once the tag's processes are someone else's to clean up.
+    pub(crate) tag: String,
+}
+
+impl Launch {
+    /// A new controller: a fresh control path and tag; without a `--listen` before `--`, a
+    /// free port of 127.0.0.1 (never the default 8080: tests run in parallel).
+    fn new(binary: &Path, args: &[&str]) -> Self {
+        let mut all: Vec<String> = Vec::new();
+        if listen_count(args) == 0 {
+            all.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        Self {
+            binary: binary.to_path_buf(),
+            control: unique_path("control.sock"),
+            args: all,
+            tag: new_tag(),
+        }
+    }
+}
+
+/// The `--listen` options among the controller's own arguments (those before `--`).
+pub(crate) fn listen_count<S: AsRef<str>>(args: &[S]) -> usize {
+    args.iter()
+        .map(AsRef::as_ref)
+        .take_while(|a| *a != "--")
+        .filter(|a| *a == "--listen" || a.starts_with("--listen="))
+        .count()
+}
+
+/// A running controller. Dropping it SIGKILLs the controller (if it still runs) and then every
+/// process of its tag ([`kill_tagged`]), whether the test passed or not.
 pub struct Balancer {
     child: Child,
     /// Its control socket.
@@ -31,39 +71,37 @@ pub struct Balancer {
     stderr_done: Receiver<()>,
     /// Bound listen addresses, in `--listen` order.
     pub addrs: Vec<SocketAddr>,
+    launch: Launch,
 }
 
 impl Balancer {
     /// Starts `balancer run ARGS` and waits until every worker is ready.
     pub fn start(args: &[&str]) -> Self {
         let mut b = Self::start_unready(args);
-        b.wait_line(|l| l.starts_with("ready:"), START_TIMEOUT)
-            .unwrap_or_else(|| panic!("balancer did not become ready; stderr:\n{}", b.stderr()));
+        b.wait_ready();
         b
     }
 
     /// Starts `balancer run ARGS` and waits only for its listening lines. Without a `--listen`,
     /// it listens on a free port of 127.0.0.1 (never the default 8080: tests run in parallel).
     pub fn start_unready(args: &[&str]) -> Self {
-        Self::start_binary(&balancer_bin(), args)
+        Self::launch(Launch::new(&balancer_bin(), args))
     }
 
     /// Like [`Balancer::start_unready`], with another copy of the binary.
-    pub fn start_binary(binary: &std::path::Path, args: &[&str]) -> Self {
+    pub fn start_binary(binary: &Path, args: &[&str]) -> Self {
+        Self::launch(Launch::new(binary, args))
+    }
+
+    /// Starts the controller `launch` describes and waits for its listening lines.
+    pub(crate) fn launch(launch: Launch) -> Self {
         require_root();
-        let control = unique_path("control.sock");
-        let own = args.iter().position(|a| *a == "--").unwrap_or(args.len());
-        let listen: &[&str] = if args[..own].contains(&"--listen") {
-            &[]
-        } else {
-            &["--listen", "127.0.0.1:0"]
-        };
-        let mut child = Command::new(binary)
+        let mut child = Command::new(&launch.binary)
             .arg("run")
             .arg("--control")
-            .arg(&control)
-            .args(listen)
-            .args(args)
+            .arg(&launch.control)
+            .args(&launch.args)
+            .env(TAG_VAR, &launch.tag)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -81,7 +119,8 @@ impl Balancer {
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        // Dropped when the reader ends: at end of file, once the controller is gone.
+        // Dropped when the reader ends: at end of file, once the controller and every worker
+        // (they log to the controller's stderr) are gone.
         let (stderr_open, stderr_done) = mpsc::channel::<()>();
         thread::spawn(move || {
             let _open = stderr_open;
@@ -91,16 +130,17 @@ impl Balancer {
                 s.push('\n');
             }
         });
+        let listens = listen_count(&launch.args).max(1);
         let mut b = Self {
             child,
-            control,
+            control: launch.control.clone(),
             lines,
             stdout: Vec::new(),
             stderr,
             stderr_done,
             addrs: Vec::new(),
+            launch,
         };
-        let listens = args.iter().filter(|a| **a == "--listen").count().max(1);
         for _ in 0..listens {
             b.wait_line(|l| l.starts_with("listening on "), START_TIMEOUT)
                 .unwrap_or_else(|| panic!("balancer did not start; stderr:\n{}", b.stderr()));
@@ -122,6 +162,17 @@ impl Balancer {
             b.stdout
         );
         b
+    }
+
+    /// Waits for the `ready:` line (every worker ready); panics with the log without it.
+    pub fn wait_ready(&mut self) {
+        self.wait_line(|l| l.starts_with("ready:"), START_TIMEOUT)
+            .unwrap_or_else(|| panic!("balancer did not become ready; stderr:\n{}", self.stderr()));
+    }
+
+    /// This controller's `BALANCER_TEST_TAG` (its workers inherit it).
+    pub fn tag(&self) -> &str {
+        &self.launch.tag
     }
 
     /// Runs `balancer ARGS --control <this controller's socket>` (the CLI), to completion.
@@ -186,7 +237,7 @@ impl Balancer {
         self.child.id()
     }
 
-    /// Everything the controller logged so far.
+    /// Everything the controller (and its workers) logged so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
@@ -240,26 +291,30 @@ impl Balancer {
     }
 
     /// SIGTERM, then waits for the exit; returns the exit status and the final counters.
-    pub fn stop(self) -> (ExitStatus, Report) {
+    /// Whatever the controller left running is killed only when the `Balancer` is dropped, so
+    /// that the test can look at it first.
+    pub fn stop(&mut self) -> (ExitStatus, Report) {
         let (status, report, _) = self.stop_with_log();
         (status, report)
     }
 
     /// Like [`Balancer::stop`], also returning everything the controller logged.
-    pub fn stop_with_log(self) -> (ExitStatus, Report, String) {
+    pub fn stop_with_log(&mut self) -> (ExitStatus, Report, String) {
         self.signal(libc::SIGTERM);
         self.wait_exit()
     }
 
     /// Waits (20 s at most) for a controller that was told to stop to exit; returns the exit
     /// status, the final counters table (which it must have printed) and everything it logged.
-    pub fn wait_exit(mut self) -> (ExitStatus, Report, String) {
-        let status = wait_timeout(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
-            panic!(
-                "balancer did not exit on SIGTERM; stderr:\n{}",
-                self.stderr()
-            )
-        });
+    pub fn wait_exit(&mut self) -> (ExitStatus, Report, String) {
+        let status = self
+            .wait_status(Duration::from_secs(20))
+            .unwrap_or_else(|| {
+                panic!(
+                    "balancer did not exit on SIGTERM; stderr:\n{}",
+                    self.stderr()
+                )
+            });
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.stdout.push(line);
         }
@@ -275,10 +330,21 @@ impl Balancer {
         (status, report, log)
     }
 
-    /// Kills the controller with SIGKILL and reaps it.
-    pub fn kill(mut self) {
+    /// Waits up to `timeout` for the controller to exit (reaping it); its exit status, or
+    /// `None` while it still runs.
+    pub fn wait_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_timeout(&mut self.child, timeout)
+    }
+
+    /// SIGKILLs the controller and reaps it, leaving whatever else of its tag runs (its
+    /// workers, when they outlive it) to the returned [`Crashed`].
+    pub fn crash(mut self) -> Crashed {
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();
+        let launch = self.launch.clone();
+        // From here on the tag is the `Crashed`'s to clean up, not this value's.
+        self.launch.tag.clear();
+        Crashed::new(launch, self.addrs.clone(), self.stderr.clone())
     }
 }
 
@@ -288,5 +354,45 @@ impl Drop for Balancer {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        if !self.launch.tag.is_empty() {
+            kill_tagged(&self.launch.tag);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listens_are_counted_before_the_worker_command_only() {
+        assert_eq!(listen_count::<&str>(&[]), 0);
+        assert_eq!(
+            listen_count(&["--listen", "a", "--listen=b", "--workers", "2"]),
+            2
+        );
+        assert_eq!(
+            listen_count(&["--workers", "2", "--", "w", "--listen", "a"]),
+            0
+        );
+    }
+
+    #[test]
+    fn a_start_without_a_listen_gets_a_free_loopback_port() {
+        let l = Launch::new(Path::new("/bin/balancer"), &["--workers", "2"]);
+        assert_eq!(l.args, ["--listen", "127.0.0.1:0", "--workers", "2"]);
+        let l = Launch::new(Path::new("/b"), &["--", "w", "--listen", "x"]);
+        assert_eq!(
+            l.args,
+            ["--listen", "127.0.0.1:0", "--", "w", "--listen", "x"]
+        );
+        let l = Launch::new(Path::new("/b"), &["--listen", "[::1]:0"]);
+        assert_eq!(l.args, ["--listen", "[::1]:0"]);
+        let other = Launch::new(Path::new("/b"), &[]);
+        assert_ne!(l.tag, other.tag, "one tag per controller");
+        assert_ne!(
+            l.control, other.control,
+            "one control socket per controller"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use balancer::control::protocol::{ErrorKind, ErrorReply};
 
-use crate::{balancer_bin, wait_timeout};
+use crate::{balancer_bin, kill_tagged, new_tag, wait_timeout, TAG_VAR};
 
 /// Output of a balancer run that is expected to end by itself.
 pub struct Finished {
@@ -22,9 +22,12 @@ pub struct Finished {
 }
 
 /// Runs `balancer ARGS` to completion (20 s at most), optionally adjusting the command first.
+/// It runs with a tag of its own: whatever it started is killed once it has ended.
 pub fn run_to_end(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Finished {
+    let tag = new_tag();
     let mut cmd = Command::new(balancer_bin());
     cmd.args(args)
+        .env(TAG_VAR, &tag)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -42,10 +45,13 @@ pub fn run_to_end(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Finished 
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = wait_timeout(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+    let Some(status) = wait_timeout(&mut child, Duration::from_secs(20)) else {
         let _ = child.kill();
+        let _ = child.wait();
+        kill_tagged(&tag);
         panic!("balancer {args:?} did not exit within 20 s")
-    });
+    };
+    kill_tagged(&tag);
     Finished {
         status,
         stdout: t_out.join().unwrap(),

@@ -1,10 +1,11 @@
 //! Harness for the privileged integration tests: starts the real `balancer` binary (built with
-//! its eBPF object by `cargo xtask test`), talks to its workers over loopback, and reads its
-//! counters table.
+//! its eBPF object by `cargo xtask test`), talks to its workers over loopback, reads its
+//! counters table, and kills every process a test caused, even when the test fails.
 //!
 //! - [`setup`]: the binary under test, root, CPUs, scratch paths;
 //! - [`balancer`]: a running controller ([`Balancer`]);
-//! - [`process`]: whether a process runs, waiting for one to go;
+//! - [`restart`]: a crashed controller ([`Crashed`]);
+//! - [`process`]: liveness, and the cleanup by `BALANCER_TEST_TAG` ([`kill_tagged`]);
 //! - [`cli`]: one-shot runs of the binary ([`run_to_end`]);
 //! - [`report`]: the counters table ([`parse_report`]);
 //! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]);
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod load;
 pub mod process;
 pub mod report;
+pub mod restart;
 pub mod setup;
 pub mod slots;
 
@@ -27,8 +29,12 @@ pub use balancer_common::SlotCounters;
 pub use bpffs::{pinned_dir, BpfFs};
 pub use cli::{ok, parse_cli_error, run_to_end, Finished};
 pub use load::{Load, Phased, PHASE_ANSWERS};
-pub use process::{alive, wait_gone, wait_timeout};
+pub use process::{
+    alive, environ_has_tag, kill_tagged, new_tag, process_group, tagged_pids, wait_gone,
+    wait_timeout, KILL_TIMEOUT, TAG_VAR,
+};
 pub use report::{parse_report, Report, Row, Unattributed, COLUMNS};
+pub use restart::Crashed;
 pub use setup::{
     balancer_bin, require_root, scratch_dir, two_or_more_cpus, unique_path, START_TIMEOUT,
 };
