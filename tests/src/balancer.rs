@@ -21,13 +21,14 @@ use crate::{
 };
 
 /// How a controller was started: `BINARY run --control PATH ARGS`, with
-/// `BALANCER_TEST_TAG=TAG` added to the test's environment.
+/// `BALANCER_TEST_TAG=TAG` and `ENV` added to the test's environment.
 #[derive(Clone, Debug)]
 pub(crate) struct Launch {
     pub(crate) binary: PathBuf,
     pub(crate) control: PathBuf,
     /// The `run` arguments after `--control PATH`, `--listen` included.
     pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
     /// Empty once the tag's processes are someone else's to clean up.
     pub(crate) tag: String,
 }
@@ -35,7 +36,7 @@ pub(crate) struct Launch {
 impl Launch {
     /// A new controller: a fresh control path and tag; without a `--listen` before `--`, a
     /// free port of 127.0.0.1 (never the default 8080: tests run in parallel).
-    fn new(binary: &Path, args: &[&str]) -> Self {
+    fn new(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all: Vec<String> = Vec::new();
         if listen_count(args) == 0 {
             all.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
@@ -45,6 +46,10 @@ impl Launch {
             binary: binary.to_path_buf(),
             control: unique_path("control.sock"),
             args: all,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             tag: new_tag(),
         }
     }
@@ -77,7 +82,12 @@ pub struct Balancer {
 impl Balancer {
     /// Starts `balancer run ARGS` and waits until every worker is ready.
     pub fn start(args: &[&str]) -> Self {
-        let mut b = Self::start_unready(args);
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Balancer::start`], with `ENV` added to the controller's environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut b = Self::start_unready_with_env(args, env);
         b.wait_ready();
         b
     }
@@ -85,12 +95,17 @@ impl Balancer {
     /// Starts `balancer run ARGS` and waits only for its listening lines. Without a `--listen`,
     /// it listens on a free port of 127.0.0.1 (never the default 8080: tests run in parallel).
     pub fn start_unready(args: &[&str]) -> Self {
-        Self::launch(Launch::new(&balancer_bin(), args))
+        Self::start_unready_with_env(args, &[])
+    }
+
+    /// Like [`Balancer::start_unready`], with `ENV` added to the controller's environment.
+    pub fn start_unready_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(Launch::new(&balancer_bin(), args, env))
     }
 
     /// Like [`Balancer::start_unready`], with another copy of the binary.
     pub fn start_binary(binary: &Path, args: &[&str]) -> Self {
-        Self::launch(Launch::new(binary, args))
+        Self::launch(Launch::new(binary, args, &[]))
     }
 
     /// Starts the controller `launch` describes and waits for its listening lines.
@@ -102,6 +117,7 @@ impl Balancer {
             .arg(&launch.control)
             .args(&launch.args)
             .env(TAG_VAR, &launch.tag)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -379,16 +395,21 @@ mod tests {
 
     #[test]
     fn a_start_without_a_listen_gets_a_free_loopback_port() {
-        let l = Launch::new(Path::new("/bin/balancer"), &["--workers", "2"]);
+        let l = Launch::new(Path::new("/bin/balancer"), &["--workers", "2"], &[]);
         assert_eq!(l.args, ["--listen", "127.0.0.1:0", "--workers", "2"]);
-        let l = Launch::new(Path::new("/b"), &["--", "w", "--listen", "x"]);
+        let l = Launch::new(
+            Path::new("/b"),
+            &["--", "w", "--listen", "x"],
+            &[("K", "v")],
+        );
         assert_eq!(
             l.args,
             ["--listen", "127.0.0.1:0", "--", "w", "--listen", "x"]
         );
-        let l = Launch::new(Path::new("/b"), &["--listen", "[::1]:0"]);
+        assert_eq!(l.env, [("K".to_owned(), "v".to_owned())]);
+        let l = Launch::new(Path::new("/b"), &["--listen", "[::1]:0"], &[]);
         assert_eq!(l.args, ["--listen", "[::1]:0"]);
-        let other = Launch::new(Path::new("/b"), &[]);
+        let other = Launch::new(Path::new("/b"), &[], &[]);
         assert_ne!(l.tag, other.tag, "one tag per controller");
         assert_ne!(
             l.control, other.control,
