@@ -20,7 +20,7 @@ use crate::{
     unique_path, wait_timeout, Crashed, Finished, Report, IO_TIMEOUT, START_TIMEOUT, TAG_VAR,
 };
 
-/// How a controller was started: `BINARY run --control PATH ARGS`, with
+/// How to start a controller, kept to start it again: `BINARY run --control PATH ARGS`, with
 /// `BALANCER_TEST_TAG=TAG` and `ENV` added to the test's environment.
 #[derive(Clone, Debug)]
 pub(crate) struct Launch {
@@ -353,7 +353,7 @@ impl Balancer {
     }
 
     /// SIGKILLs the controller and reaps it, leaving whatever else of its tag runs (its
-    /// workers, when they outlive it) to the returned [`Crashed`].
+    /// workers, when they outlive it) to the returned [`Crashed`], which can start it again.
     pub fn crash(mut self) -> Crashed {
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();

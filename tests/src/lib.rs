@@ -4,7 +4,7 @@
 //!
 //! - [`setup`]: the binary under test, root, CPUs, scratch paths;
 //! - [`balancer`]: a running controller ([`Balancer`]);
-//! - [`restart`]: a crashed controller ([`Crashed`]);
+//! - [`restart`]: a crashed controller and its restart ([`Crashed`]);
 //! - [`process`]: liveness, and the cleanup by `BALANCER_TEST_TAG` ([`kill_tagged`]);
 //! - [`cli`]: one-shot runs of the binary ([`run_to_end`]);
 //! - [`report`]: the counters table ([`parse_report`]);
@@ -34,7 +34,7 @@ pub use process::{
     wait_timeout, KILL_TIMEOUT, TAG_VAR,
 };
 pub use report::{parse_report, Report, Row, Unattributed, COLUMNS};
-pub use restart::Crashed;
+pub use restart::{with_bound_listens, Crashed};
 pub use setup::{
     balancer_bin, require_root, scratch_dir, two_or_more_cpus, unique_path, START_TIMEOUT,
 };
