@@ -1,30 +1,13 @@
 //! The controller under a service manager (systemd `Type=notify`), with the test playing the
 //! manager: it owns the `NOTIFY_SOCKET` datagram socket and reads what the controller says.
 use std::{
-    io::{BufRead, BufReader},
     os::unix::net::UnixDatagram,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    thread,
     time::{Duration, Instant},
 };
 
 use balancer_tests::{
-    alive, balancer_bin, get, require_root, run_to_end, unique_path, wait_gone, wait_timeout,
-    START_TIMEOUT,
+    alive, get, require_root, run_to_end, unique_path, wait_gone, Balancer, START_TIMEOUT,
 };
-
-/// The controller, killed (and its workers with it) if the test fails midway.
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// Receives datagrams until one satisfies `pred` (or the deadline passes); returns them all.
 fn until(manager: &UnixDatagram, timeout: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
@@ -62,34 +45,14 @@ fn the_manager_hears_ready_status_watchdog_and_stopping() {
     manager
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let control = unique_path("control.sock");
-    let mut child = Command::new(balancer_bin())
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--control",
-        ])
-        .arg(&control)
-        .env("NOTIFY_SOCKET", &path)
-        .env("WATCHDOG_USEC", "200000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut controller = Controller(child);
+    // Only the listening lines are waited for: READY=1 must come from the controller.
+    let mut b = Balancer::start_unready_with_env(
+        &["--listen", "127.0.0.1:0", "--workers", "2"],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
     let said = until(&manager, START_TIMEOUT, |m| m.contains("READY=1"));
     assert!(said.iter().any(|m| m == "READY=1"), "{said:?}");
     assert!(
@@ -98,18 +61,8 @@ fn the_manager_hears_ready_status_watchdog_and_stopping() {
         "STATUS before READY: {said:?}"
     );
     // READY=1 means the workers serve.
-    let addr = lines
-        .recv_timeout(START_TIMEOUT)
-        .ok()
-        .and_then(|l| {
-            l.strip_prefix("listening on ")?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("a listening line");
-    assert!(get(addr).is_ok());
+    assert_eq!(b.addrs.len(), 1, "{:?}", b.stdout_lines());
+    assert!(get(b.addrs[0]).is_ok());
     // Keep-alives at half the watchdog timeout: three within a few timeouts.
     let pings = until(&manager, Duration::from_secs(10), {
         let seen = std::cell::Cell::new(0);
@@ -123,7 +76,7 @@ fn the_manager_hears_ready_status_watchdog_and_stopping() {
         "{pings:?}"
     );
     // The watchdog is the controller's: the workers do not inherit it.
-    let pid = controller.0.id();
+    let pid = b.pid();
     let workers = children(pid);
     assert_eq!(workers.len(), 2, "{workers:?}");
     for w in &workers {
@@ -133,11 +86,10 @@ fn the_manager_hears_ready_status_watchdog_and_stopping() {
         assert!(!env.contains("WATCHDOG_USEC"), "{env}");
     }
     // SIGTERM: STOPPING=1, then an orderly exit.
-    // SAFETY: kill(2) on our child.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    b.signal(libc::SIGTERM);
     let said = until(&manager, Duration::from_secs(10), |m| m == "STOPPING=1");
     assert!(said.iter().any(|m| m == "STOPPING=1"), "{said:?}");
-    let status = wait_timeout(&mut controller.0, Duration::from_secs(20)).expect("exit");
+    let status = b.wait_status(Duration::from_secs(20)).expect("exit");
     assert!(status.success(), "{status}");
     for w in workers {
         assert!(

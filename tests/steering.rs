@@ -12,7 +12,7 @@ fn cpu_policy_keeps_every_connection_on_its_cpu() {
     let cpus = online_cpus();
     let n = cpus.len();
     assert!(n > 0, "no online CPU");
-    let b = Balancer::start(&[
+    let mut b = Balancer::start(&[
         "--policy",
         "cpu",
         "--workers",
@@ -85,7 +85,7 @@ fn cpu_policy_keeps_every_connection_on_its_cpu() {
 fn hash_policy_spreads_connections_over_all_slots() {
     const SLOTS: usize = 4;
     const CONNS: usize = 4000;
-    let b = Balancer::start(&["--policy", "hash", "--workers", &SLOTS.to_string()]);
+    let mut b = Balancer::start(&["--policy", "hash", "--workers", &SLOTS.to_string()]);
     let addr = b.addrs[0];
     let mut seen = [0u64; SLOTS];
     for i in 0..CONNS {
@@ -118,7 +118,7 @@ fn hash_policy_spreads_connections_over_all_slots() {
 #[test]
 fn ipv6_and_two_listen_addresses_share_the_slots() {
     const CONNS: usize = 400;
-    let b = Balancer::start(&[
+    let mut b = Balancer::start(&[
         "--listen",
         "[::1]:0",
         "--listen",
@@ -176,7 +176,7 @@ fn an_unselectable_first_choice_falls_back_to_a_live_slot() {
     let dir = bpffs.path().join("group");
     // No stall detection: an evacuation would take slot 1 out of the tables (or its socket
     // out of the group) for a moment, and leave the choice to the kernel.
-    let b = Balancer::start(&[
+    let mut b = Balancer::start(&[
         "--workers",
         "2",
         "--policy",

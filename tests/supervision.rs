@@ -194,7 +194,7 @@ fn serving_pids(b: &Balancer, n: usize) -> Vec<u32> {
 
 #[test]
 fn sigterm_stops_every_worker_and_exits_zero() {
-    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    let mut b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let pids = serving_pids(&b, 2);
     let (status, report) = b.stop();
     assert!(status.success(), "{status}");
@@ -218,13 +218,16 @@ fn sigterm_stops_every_worker_and_exits_zero() {
 fn no_worker_outlives_a_killed_controller() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let pids = serving_pids(&b, 2);
-    b.kill();
+    // SIGKILL of the controller alone; whatever still runs of its tag is killed when `crashed`
+    // is dropped, after the assertions.
+    let crashed = b.crash();
     for pid in pids {
         assert!(
             wait_gone(pid, Duration::from_secs(5)),
             "worker {pid} orphaned after SIGKILL of the controller"
         );
     }
+    drop(crashed);
 }
 
 /// A socket-activated server that does not speak sd_notify: here the demo worker with
@@ -233,7 +236,7 @@ fn no_worker_outlives_a_killed_controller() {
 fn a_worker_without_sd_notify_is_ready_after_the_timeout() {
     let bin = balancer_bin();
     let started = Instant::now();
-    let b = Balancer::start(&[
+    let mut b = Balancer::start(&[
         "--workers",
         "2",
         "--ready-timeout",
@@ -265,7 +268,7 @@ fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
     const GRACE: Duration = Duration::from_secs(1);
     /// How long before the grace runs out the worker must still be seen alive.
     const BEFORE: Duration = Duration::from_millis(200);
-    let b = Balancer::start(&[
+    let mut b = Balancer::start(&[
         "--workers",
         "1",
         "--ready-timeout",
