@@ -1,5 +1,5 @@
 //! Supervision against the real kernel: a killed worker loses no queued connection, a crash
-//! loop is backed off, shutdown is orderly, and no worker outlives its controller.
+//! loop is backed off, shutdown is orderly, and workers outlive a killed controller.
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -215,19 +215,72 @@ fn sigterm_stops_every_worker_and_exits_zero() {
 }
 
 #[test]
-fn no_worker_outlives_a_killed_controller() {
+fn workers_keep_serving_when_the_controller_is_killed() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    let addr = b.addrs[0];
     let pids = serving_pids(&b, 2);
     // SIGKILL of the controller alone; whatever still runs of its tag is killed when `crashed`
     // is dropped, after the assertions.
     let crashed = b.crash();
+    let mut answered_by = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let a = get(addr).expect("a worker answers without its controller");
+        answered_by.insert(a.pid);
+    }
+    let mut expected: Vec<u32> = pids.clone();
+    expected.sort_unstable();
+    let mut got: Vec<u32> = answered_by.into_iter().collect();
+    got.sort_unstable();
+    assert_eq!(got, expected, "both workers serve on");
     for pid in pids {
         assert!(
-            wait_gone(pid, Duration::from_secs(5)),
-            "worker {pid} orphaned after SIGKILL of the controller"
+            balancer_tests::alive(pid),
+            "worker {pid} died with the controller"
         );
     }
     drop(crashed);
+}
+
+/// The controller is its workers' subreaper: what a worker forks and orphans is reparented
+/// to the controller, which reaps it (no zombie, nothing lost to init).
+#[test]
+fn a_workers_orphaned_children_are_reaped_by_the_controller() {
+    let bin = balancer_bin();
+    let script = format!("(sleep 60 &); exec {} demo-worker", bin.display());
+    let mut b = Balancer::start(&["--workers", "1", "--", "sh", "-c", &script]);
+    let controller = b.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let orphan = loop {
+        let found = balancer_tests::tagged_pids(b.tag()).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's sleep never showed up"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let ppid = std::fs::read_to_string(format!("/proc/{orphan}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+        });
+    assert_eq!(ppid, Some(controller), "the orphan went to the controller");
+    kill(orphan, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{orphan}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan was not reaped (zombie)"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let (status, _) = b.stop();
+    assert!(status.success());
 }
 
 /// A socket-activated server that does not speak sd_notify: here the demo worker with

@@ -1,0 +1,114 @@
+//! `balancer upgrade`: a new controller process takes the group over with zero loss; one that
+//! fails leaves the old one in charge.
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use balancer_tests::{alive, get, open_loop, unique_path, wait_gone, Balancer, ErrorKind, Fate};
+
+#[test]
+fn an_upgrade_under_load_keeps_every_worker_and_loses_nothing() {
+    let mut b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    let addr = b.addrs[0];
+    let old = b.pid();
+    let before: Vec<u32> = b.status().slots.iter().filter_map(|s| s.pid).collect();
+    assert_eq!(before.len(), 2);
+    // The new version: a copy of the binary at another path.
+    let next = unique_path("balancer-next");
+    std::fs::copy(balancer_tests::balancer_bin(), &next).expect("copy the binary");
+    let open = thread::spawn(move || {
+        open_loop(addr, 1000, Duration::from_secs(3), Duration::from_secs(5))
+    });
+    thread::sleep(Duration::from_millis(700));
+    let started = Instant::now();
+    let f = b.cli(&["upgrade", "--binary", next.to_str().expect("utf-8 path")]);
+    let took = started.elapsed();
+    assert!(f.status.success(), "{}\n{}", f.stdout, f.stderr);
+    let reply = f.stdout.trim().to_owned();
+    assert!(
+        reply.starts_with(&format!("upgraded: controller pid {old} (")),
+        "{reply}"
+    );
+    let new: u32 = reply
+        .split("-> pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {reply:?}"));
+    assert_ne!(new, old);
+    let fates = open.join().expect("open-loop client");
+    let slow = fates
+        .iter()
+        .filter(|f| !matches!(f, Fate::Answered(t) if *t <= Duration::from_secs(1)))
+        .count();
+    eprintln!(
+        "upgrade under load: {} connections, {slow} slow or failed; the upgrade took {took:?}",
+        fates.len()
+    );
+    assert_eq!(fates.len(), 3000);
+    assert_eq!(slow, 0);
+    // The new controller answers on the same path, with the same workers and counters.
+    let status = b.status();
+    assert_eq!(status.pid, new);
+    let after: Vec<u32> = status.slots.iter().filter_map(|s| s.pid).collect();
+    assert_eq!(after, before);
+    let steered: u64 = status.slots.iter().map(|s| s.steered).sum();
+    assert!(
+        steered as usize >= fates.len(),
+        "counters were reset: {steered}"
+    );
+    // The old one is gone without stopping anything; the new one stops the workers.
+    let (exit, _, _) = b.wait_exit();
+    assert!(exit.success(), "{exit}");
+    assert!(before.iter().all(|p| alive(*p)));
+    assert!(get(addr).is_ok());
+    // SAFETY: SIGTERM to the controller this test started (through the upgrade).
+    assert_eq!(unsafe { libc::kill(new as i32, libc::SIGTERM) }, 0);
+    assert!(wait_gone(new, Duration::from_secs(20)));
+    for p in before {
+        assert!(
+            wait_gone(p, Duration::from_secs(10)),
+            "worker {p} outlived SIGTERM"
+        );
+    }
+    let _ = std::fs::remove_file(next);
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_controller_in_charge() {
+    let mut b = Balancer::start(&["--workers", "2"]);
+    let before: Vec<u32> = b.status().slots.iter().filter_map(|s| s.pid).collect();
+    // A binary that exits at once.
+    let e = b.cli_error(&["upgrade", "--binary", "/bin/false"]);
+    assert_eq!(e.kind, ErrorKind::Failed, "{}", e.message);
+    assert!(
+        e.message
+            .contains(&format!("controller pid {} stays in charge", b.pid())),
+        "{}",
+        e.message
+    );
+    // One that cannot run at all changes nothing either.
+    let not_executable = unique_path("not-a-binary");
+    std::fs::write(&not_executable, "not a program").expect("scratch file");
+    let e = b.cli_error(&[
+        "upgrade",
+        "--binary",
+        not_executable.to_str().expect("utf-8 path"),
+    ]);
+    let _ = std::fs::remove_file(&not_executable);
+    assert_eq!(e.kind, ErrorKind::Invalid, "{}", e.message);
+    let status = b.status();
+    assert_eq!(status.pid, b.pid());
+    let after: Vec<u32> = status.slots.iter().filter_map(|s| s.pid).collect();
+    assert_eq!(after, before);
+    for _ in 0..50 {
+        assert!(get(b.addrs[0]).is_ok());
+    }
+    // Still fully in charge.
+    let f = b.cli(&["workers", "scale", "3"]);
+    assert!(f.status.success(), "{}", f.stderr);
+    assert_eq!(b.status().slots.len(), 3);
+    let (exit, _) = b.stop();
+    assert!(exit.success());
+}
