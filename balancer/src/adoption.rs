@@ -72,7 +72,8 @@ pub enum AdoptionError {
 }
 
 /// Looks for group `name`'s record in `dir` and adopts what still runs of it. `listen` are
-/// the addresses asked for (with real ports). A record whose workers are all gone is removed:
+/// the addresses asked for (with real ports; `None`: whatever the record says, for a
+/// handover). A record whose workers are all gone is removed:
 /// the group starts anew.
 ///
 /// `handing_over` is the pid of a live controller that is handing the group to us (an
@@ -80,7 +81,7 @@ pub enum AdoptionError {
 pub fn find(
     dir: &Path,
     name: &str,
-    listen: &[SocketAddr],
+    listen: Option<&[SocketAddr]>,
     handing_over: Option<u32>,
 ) -> Result<Found, AdoptionError> {
     let Some(record) = GroupRecord::load(dir)? else {
@@ -107,6 +108,7 @@ pub fn find(
         GroupRecord::remove(dir);
         return Ok(Found::Nothing);
     }
+    let listen = listen.unwrap_or(&record.listen);
     if record.listen != listen {
         let show = |a: &[SocketAddr]| {
             a.iter()

@@ -6,7 +6,7 @@
 //! 1. new → old `HELLO <version>`: it runs. The old one writes its record, withdraws its
 //!    sockets from its socket arrays (a socket can be in one at a time) and stops changing
 //!    anything; the kernel's hash steers meanwhile, so nothing is lost.
-//! 2. old → new `GO`: the new one adopts the group from the record, exactly as after a crash
+//! 2. old → new `GO <group>`: the new one adopts the group from the record, exactly as after a crash
 //!    (workers, sockets, counters), attaches its program, takes the control socket's path
 //!    (a rename: a client reaches one of the two, never nothing).
 //! 3. new → old `READY <pid> <version>` once every worker is ready: the old one answers the
@@ -132,11 +132,12 @@ impl Successor {
         }
     }
 
-    /// Lets it adopt the group.
-    pub async fn go(&mut self) -> Result<(), HandoverError> {
+    /// Lets it adopt the group `name` (whatever its own arguments say: `--listen` with port
+    /// 0 names no group).
+    pub async fn go(&mut self, name: &str) -> Result<(), HandoverError> {
         use tokio::io::AsyncWriteExt;
         self.writer
-            .write_all(b"GO\n")
+            .write_all(format!("GO {name}\n").as_bytes())
             .await
             .map_err(HandoverError::Channel)
     }
@@ -226,8 +227,9 @@ impl Predecessor {
         })
     }
 
-    /// Says we run and waits until the predecessor has let go of the group.
-    pub fn hello(&mut self) -> Result<(), HandoverError> {
+    /// Says we run and waits until the predecessor has let go of the group; returns the
+    /// group's name.
+    pub fn hello(&mut self) -> Result<String, HandoverError> {
         let fail = |what: String| HandoverError::Predecessor {
             pid: self.pid,
             what,
@@ -242,11 +244,17 @@ impl Predecessor {
         BufReader::new(&self.stream)
             .read_line(&mut line)
             .map_err(|e| fail(format!("did not answer: {e}")))?;
-        if line.trim_end() != "GO" {
-            return Err(fail(format!("said {:?} instead of GO", line.trim_end())));
-        }
-        info!("taking the group over from controller pid {}", self.pid);
-        Ok(())
+        let name = match line.trim_end().strip_prefix("GO ") {
+            Some(name) if crate::group_state::check_name(name).is_ok() => name.to_owned(),
+            _ => {
+                return Err(fail(format!(
+                    "said {:?} instead of GO <group>",
+                    line.trim_end()
+                )))
+            }
+        };
+        info!("taking group {name} over from controller pid {}", self.pid);
+        Ok(name)
     }
 
     /// Tells the predecessor we are ready: it exits.

@@ -122,10 +122,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // before anything is bound.
     let manager = ServiceManager::from_env()?;
     let handing_over = match &mut predecessor {
-        Some(p) => {
-            p.hello()?;
-            Some(p.pid)
-        }
+        Some(p) => Some((p.pid, p.hello()?)),
         None => None,
     };
     let manager = match predecessor {
@@ -162,7 +159,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         slots,
         (policy, args.spill_depth),
         args.backlog,
-        handing_over,
+        handing_over.clone(),
     )?;
     let slots = prepared.slots;
     let (policy, spill_depth, weights) = prepared.steer.clone();
@@ -180,7 +177,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         // An upgrade takes the old controller's path in one step.
-        let mut control = match handing_over {
+        let mut control = match &handing_over {
             Some(_) => ControlSocket::bind_over(&args.control)?,
             None => ControlSocket::bind(&args.control)?,
         };
@@ -271,6 +268,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 control_path: args.control.clone(),
                 started_from,
                 args: own_args,
+                group: prepared.name.clone(),
             },
         )
         .await?;

@@ -59,8 +59,14 @@ pub fn prepare(
     slots: u32,
     steer: (PolicyKind, u32),
     backlog: u32,
-    handing_over: Option<u32>,
+    handing_over: Option<(u32, String)>,
 ) -> anyhow::Result<Prepared> {
+    // A handover names the group; the record then says where it listens (our own --listen
+    // may say port 0, which names no group).
+    let (handing_over, name) = match handing_over {
+        Some((pid, group)) => (Some(pid), Some(group)),
+        None => (None, name),
+    };
     // With port 0 the real port exists only once bound: such a group has nothing to adopt.
     let asked = name.or_else(|| {
         listen
@@ -73,7 +79,7 @@ pub fn prepare(
         Some(name) => adoption::find(
             &group_state::record_dir(root, name),
             name,
-            listen,
+            (handing_over.is_none()).then_some(listen),
             handing_over,
         )?,
         None => Found::Nothing,

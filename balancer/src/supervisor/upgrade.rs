@@ -28,6 +28,8 @@ pub struct UpgradeContext {
     pub started_from: PathBuf,
     /// This controller's arguments, for the new one.
     pub args: Vec<OsString>,
+    /// The group's name (the new controller finds the record by it).
+    pub group: String,
 }
 
 /// Hands the group over to `binary` (default: the one we were started from). Ok: the new
@@ -74,7 +76,7 @@ pub async fn upgrade(
     sup.host_mut().rewrite_record();
     sup.save_record();
     sup.host_mut().withdraw_sockets();
-    let outcome = match next.go().await {
+    let outcome = match next.go(&ctx.group).await {
         Ok(()) => next.ready().await,
         Err(e) => Err(e),
     };
