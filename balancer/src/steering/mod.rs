@@ -5,16 +5,15 @@
 //! listen address gets its own program instance with its own socket array; the tables are
 //! the same for all of them.
 use std::{
-    io,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{Array, MapData, MapError, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
     programs::{ProgramError, SkReuseport},
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
 use balancer_common::{maps, Config, PolicyKind, SlotCounters, Tables, NO_SLOT, PROGRAM_SELECT};
@@ -22,6 +21,15 @@ use log::warn;
 use tokio::io::unix::AsyncFd;
 
 use crate::socket_group::SocketGroup;
+
+mod errors;
+mod pins;
+mod sockets;
+
+pub use errors::SteeringError;
+use errors::{classify_ebpf, classify_program};
+use pins::{address_dir, pin_error, pin_maps};
+pub use pins::{pinned_counters, unpin_addresses};
 
 /// The object `cargo xtask build` compiled; empty in a plain `cargo build`.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/balancer.bpf.o"));
@@ -35,56 +43,6 @@ const QUIESCE: Duration = Duration::from_millis(2);
 /// arrays (deferred work after the old program is replaced).
 const HELD_WAIT: Duration = Duration::from_secs(5);
 
-/// Why steering could not be set up or changed.
-#[derive(Debug, thiserror::Error)]
-pub enum SteeringError {
-    /// The binary carries no eBPF object.
-    #[error(
-        "this balancer binary was built without its eBPF program (a plain `cargo build`); \
-build it with `cargo xtask build` (or run `cargo xtask run`)"
-    )]
-    NoObject,
-    /// Missing capabilities.
-    #[error("loading the steering program was refused ({0}): it needs CAP_BPF and CAP_NET_ADMIN; run as root")]
-    NeedsPrivilege(String),
-    /// The kernel lacks the program or map type.
-    #[error(
-        "this kernel does not support SK_REUSEPORT programs with REUSEPORT_SOCKARRAY maps \
-of the select-or-migrate kind (Linux 5.14+ with CONFIG_BPF_SYSCALL): {0}"
-    )]
-    Unsupported(String),
-    /// The verifier rejected the program.
-    #[error("the kernel's verifier rejected the steering program: {0}")]
-    Rejected(String),
-    /// The object is not the one this controller was built for.
-    #[error("the embedded eBPF object has no {0}; rebuild with `cargo xtask build`")]
-    Missing(&'static str),
-    /// A map update failed.
-    #[error("{what}: {source}")]
-    Map {
-        /// What was being done.
-        what: String,
-        /// The map error.
-        source: MapError,
-    },
-    /// Attaching to a socket group failed.
-    #[error("attaching the steering program to {addr}: {source}")]
-    Attach {
-        /// The group's address.
-        addr: SocketAddr,
-        /// The program error.
-        source: ProgramError,
-    },
-    /// Pinning to the BPF filesystem failed.
-    #[error(
-        "pinning for bpftool: {0}; --bpffs-dir must be on a BPF filesystem (mount -t bpf bpf DIR)"
-    )]
-    Pin(String),
-    /// Loading failed otherwise.
-    #[error("loading the steering program: {0}")]
-    Load(String),
-}
-
 /// One program instance, attached to one address's group.
 struct Instance {
     addr: SocketAddr,
@@ -97,31 +55,6 @@ struct Instance {
     depths_written: Vec<u32>,
     tables: Array<MapData, Tables>,
     counters: PerCpuArray<MapData, SlotCounters>,
-}
-
-impl Instance {
-    /// Writes carried counters in (on CPU 0's copy; readers sum over CPUs).
-    fn seed_counters(&mut self, counters: &[SlotCounters]) {
-        let cpus = match aya::util::nr_cpus() {
-            Ok(n) => n,
-            Err((_, e)) => {
-                warn!("cannot count CPUs to carry the counters over: {e}");
-                return;
-            }
-        };
-        for (index, c) in (0u32..).zip(counters) {
-            let mut values = vec![SlotCounters::default(); cpus];
-            if let Some(first) = values.first_mut() {
-                *first = *c;
-            }
-            let written = PerCpuValues::try_from(values)
-                .map_err(|e| e.to_string())
-                .and_then(|v| self.counters.set(index, v, 0).map_err(|e| e.to_string()));
-            if let Err(e) = written {
-                warn!("carrying counter {index} over ({}): {e}", self.addr);
-            }
-        }
-    }
 }
 
 /// Decision counters of one listen address.
@@ -243,43 +176,13 @@ impl Steering {
                 instance.seed_counters(counters);
             }
         }
-        for (instance, address) in steering.instances.iter_mut().zip(&group.addresses) {
-            let program: &mut SkReuseport = instance
-                .ebpf
-                .program_mut(PROGRAM_SELECT)
-                .ok_or(SteeringError::Missing("select program"))?
-                .try_into()
-                .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
-            program
-                .attach(&address.sockets[0])
-                .map_err(|source| SteeringError::Attach {
-                    addr: address.addr,
-                    source,
-                })?;
-        }
+        steering.attach_all(group)?;
         steering.publish_held(group, held)?;
         Ok(steering)
     }
 
-    /// Takes every socket out of the socket arrays, so that a successor controller can put
-    /// them into its own (a socket can be in one array at a time). Until it does, the
-    /// program's selections fail and the kernel's hash picks a socket of the group.
-    pub fn withdraw_sockets(&mut self) {
-        for i in &mut self.instances {
-            for slot in 0..self.slots {
-                if let Err(e) = i.sockets.clear_index(&slot) {
-                    if io_errno(&e) != Some(libc::ENOENT) {
-                        warn!("withdrawing slot {slot}'s socket ({}): {e}", i.addr);
-                    }
-                }
-            }
-        }
-    }
-
-    /// After a handover failed: attaches this program again (replacing whatever the would-be
-    /// successor attached) and publishes every socket, waiting for the kernel to free the
-    /// successor's arrays where they still hold one.
-    pub fn reclaim(&mut self, group: &SocketGroup) -> Result<(), SteeringError> {
+    /// Attaches this program to every address's reuseport group (replacing the one there).
+    fn attach_all(&mut self, group: &SocketGroup) -> Result<(), SteeringError> {
         for (instance, address) in self.instances.iter_mut().zip(&group.addresses) {
             let program: &mut SkReuseport = instance
                 .ebpf
@@ -287,78 +190,15 @@ impl Steering {
                 .ok_or(SteeringError::Missing("select program"))?
                 .try_into()
                 .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
+            let Some(first) = address.sockets.first() else {
+                continue;
+            };
             program
-                .attach(&address.sockets[0])
+                .attach(first)
                 .map_err(|source| SteeringError::Attach {
                     addr: address.addr,
                     source,
                 })?;
-        }
-        let held = self.publish_sockets_but_held(group, 0..self.slots)?;
-        self.publish_held(group, held)
-    }
-
-    /// Like [`Steering::publish_sockets`], but a socket still held by another socket array
-    /// (`EBUSY`) is returned as (instance, slot) instead of failing.
-    fn publish_sockets_but_held(
-        &mut self,
-        group: &SocketGroup,
-        slots: std::ops::Range<u32>,
-    ) -> Result<Vec<(usize, u32)>, SteeringError> {
-        let mut held = Vec::new();
-        for (n, (i, address)) in self.instances.iter_mut().zip(&group.addresses).enumerate() {
-            for slot in slots.clone() {
-                match i.sockets.set(slot, &address.sockets[slot as usize], 0) {
-                    Ok(()) => {}
-                    Err(e) if io_errno(&e) == Some(libc::EBUSY) => held.push((n, slot)),
-                    Err(source) => {
-                        return Err(SteeringError::Map {
-                            what: format!("publishing slot {slot}'s socket ({})", i.addr),
-                            source,
-                        })
-                    }
-                }
-            }
-        }
-        Ok(held)
-    }
-
-    /// Publishes the sockets a dead controller's array held, once the kernel has freed that
-    /// array (it goes with the old program, which ours just replaced).
-    fn publish_held(
-        &mut self,
-        group: &SocketGroup,
-        mut held: Vec<(usize, u32)>,
-    ) -> Result<(), SteeringError> {
-        let deadline = Instant::now() + HELD_WAIT;
-        while !held.is_empty() {
-            let mut still = Vec::new();
-            for (n, slot) in held {
-                let (Some(i), Some(address)) = (self.instances.get_mut(n), group.addresses.get(n))
-                else {
-                    continue;
-                };
-                match i.sockets.set(slot, &address.sockets[slot as usize], 0) {
-                    Ok(()) => {}
-                    Err(e) if io_errno(&e) == Some(libc::EBUSY) && Instant::now() < deadline => {
-                        still.push((n, slot));
-                    }
-                    Err(source) => {
-                        return Err(SteeringError::Map {
-                            what: format!(
-                                "publishing slot {slot}'s adopted socket ({}); is another process holding the old program or its maps (bpftool prog show)?",
-                                i.addr
-                            ),
-                            source,
-                        })
-                    }
-                }
-            }
-            held = still;
-            if !held.is_empty() {
-                // Start-up only: the runtime has nothing else to do yet.
-                std::thread::sleep(Duration::from_millis(1));
-            }
         }
         Ok(())
     }
@@ -440,33 +280,6 @@ impl Steering {
             .collect()
     }
 
-    /// Puts the sockets of `slots` into the socket arrays, index = slot: at start, after the
-    /// group grew, and after an evacuation's shutdown and listen took one out.
-    pub fn publish_sockets(
-        &mut self,
-        group: &SocketGroup,
-        slots: std::ops::Range<u32>,
-    ) -> Result<(), SteeringError> {
-        for (i, address) in self.instances.iter_mut().zip(&group.addresses) {
-            for slot in slots.clone() {
-                i.sockets
-                    .set(slot, &address.sockets[slot as usize], 0)
-                    .map_err(|source| SteeringError::Map {
-                        what: format!("publishing slot {slot}'s socket ({})", i.addr),
-                        source,
-                    })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Publishes the sockets of slots `self.slots..slots` (after the group grew).
-    pub fn add_slots(&mut self, group: &SocketGroup, slots: u32) -> Result<(), SteeringError> {
-        self.publish_sockets(group, self.slots..slots)?;
-        self.slots = slots;
-        Ok(())
-    }
-
     /// Publishes sampled accept-queue depths: `depths[address][slot]`. Only changed values
     /// are written (one syscall each).
     pub fn write_depths(&mut self, depths: &[Vec<u32>]) {
@@ -518,15 +331,6 @@ impl Steering {
         Some(total)
     }
 
-    /// Removes what [`Steering::attach`] pinned.
-    pub fn unpin(dir: &Path) {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                warn!("removing pinned objects under {}: {e}", dir.display());
-            }
-        }
-    }
-
     /// Detaches the program from every group (before the sockets close on shutdown).
     pub fn detach(&self, group: &SocketGroup) {
         for address in &group.addresses {
@@ -535,65 +339,6 @@ impl Steering {
             }
         }
     }
-}
-
-/// The counters pinned under `dir` for each address (index = counter entry, summed over
-/// CPUs), as a dead controller's program left them; `None` where nothing readable is pinned.
-pub fn pinned_counters(dir: &Path, addrs: &[SocketAddr]) -> Vec<Option<Vec<SlotCounters>>> {
-    addrs
-        .iter()
-        .map(|addr| {
-            let path = address_dir(dir, *addr).join(maps::COUNTERS);
-            let data = MapData::from_pin(&path).ok()?;
-            let map = aya::maps::Map::from_map_data(data).ok()?;
-            let counters: PerCpuArray<MapData, SlotCounters> = map.try_into().ok()?;
-            (0..balancer_common::COUNTER_ENTRIES)
-                .map(|i| {
-                    let per_cpu = counters.get(&i, 0).ok()?;
-                    let mut sum = SlotCounters::default();
-                    per_cpu.iter().for_each(|c| sum.add(c));
-                    Some(sum)
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Removes what a dead controller pinned for `addrs` under `dir` (its address directories
-/// only), so that the new program and maps can be pinned there.
-pub fn unpin_addresses(dir: &Path, addrs: &[SocketAddr]) {
-    for addr in addrs {
-        let at = address_dir(dir, *addr);
-        if let Err(e) = std::fs::remove_dir_all(&at) {
-            if e.kind() != io::ErrorKind::NotFound {
-                warn!("removing stale pins under {}: {e}", at.display());
-            }
-        }
-    }
-}
-
-/// `dir/127_0_0_1_8080`, `dir/__1_8080`: one directory per address. bpffs refuses names
-/// with a '.', and ':' would read badly in paths.
-fn address_dir(dir: &Path, addr: SocketAddr) -> PathBuf {
-    let name: String = format!("{}_{}", addr.ip(), addr.port())
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    dir.join(name)
-}
-
-fn pin_error(what: &str, dir: &Path, e: &dyn std::fmt::Display) -> SteeringError {
-    SteeringError::Pin(format!("{what} under {}: {e}", dir.display()))
-}
-
-fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), SteeringError> {
-    std::fs::create_dir_all(dir).map_err(|e| pin_error("creating the directory", dir, &e))?;
-    // Internal data sections (.rodata, .bss) are not for bpftool, and bpffs refuses their names.
-    for (name, map) in ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
-        map.pin(dir.join(name))
-            .map_err(|e| pin_error(&format!("pinning map {name}"), dir, &e))?;
-    }
-    Ok(())
 }
 
 fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) {
@@ -618,54 +363,6 @@ fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) {
     });
 }
 
-fn io_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            return io.raw_os_error();
-        }
-        cur = err.source();
-    }
-    None
-}
-
-fn classify_ebpf(e: EbpfError) -> SteeringError {
-    match io_errno(&e) {
-        Some(libc::EPERM | libc::EACCES) => SteeringError::NeedsPrivilege(e.to_string()),
-        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => {
-            SteeringError::Unsupported(format_chain(&e))
-        }
-        _ => SteeringError::Load(format_chain(&e)),
-    }
-}
-
-fn classify_program(e: ProgramError) -> SteeringError {
-    match &e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => match io_error.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => SteeringError::NeedsPrivilege(io_error.to_string()),
-            Some(libc::EINVAL) if verifier_log.to_string().trim().is_empty() => {
-                SteeringError::Unsupported(io_error.to_string())
-            }
-            _ => SteeringError::Rejected(e.to_string()),
-        },
-        _ => SteeringError::Load(format_chain(&e)),
-    }
-}
-
-fn format_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        s.push_str(": ");
-        s.push_str(&err.to_string());
-        cur = err.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,21 +379,5 @@ mod tests {
                 .to_string()
                 .contains("cargo xtask build"));
         }
-    }
-
-    #[test]
-    fn errno_is_found_through_the_error_chain() {
-        let e = SteeringError::Load("x".into());
-        assert_eq!(io_errno(&e), None);
-        let e = EbpfError::FileError {
-            path: "x".into(),
-            error: io::Error::from_raw_os_error(libc::EPERM),
-        };
-        assert!(matches!(classify_ebpf(e), SteeringError::NeedsPrivilege(_)));
-        let e = EbpfError::FileError {
-            path: "x".into(),
-            error: io::Error::from_raw_os_error(libc::EINVAL),
-        };
-        assert!(matches!(classify_ebpf(e), SteeringError::Unsupported(_)));
     }
 }
