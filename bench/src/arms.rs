@@ -92,6 +92,8 @@ pub struct Server {
     balancer: Option<(Child, PathBuf)>,
     /// The balancer arm's `run` arguments, to start its controller again.
     balancer_args: Vec<String>,
+    /// After an upgrade, the controller in charge (not our child any more).
+    upgraded_to: Option<u32>,
     _program: Option<Ebpf>,
     ctx_balancer: PathBuf,
 }
@@ -106,6 +108,7 @@ impl Server {
             kept: Vec::new(),
             balancer: None,
             balancer_args: Vec::new(),
+            upgraded_to: None,
             _program: None,
             ctx_balancer: ctx.balancer.clone(),
         };
@@ -263,6 +266,9 @@ impl Server {
     /// Kills a balancer arm's controller with SIGKILL (its workers keep serving), then starts
     /// it again with the same arguments on the same address: it adopts the workers.
     pub fn restart_controller(&mut self) -> Result<()> {
+        if self.upgraded_to.is_some() {
+            bail!("the controller was upgraded: it is not this bench's child any more");
+        }
         let Some((mut child, control)) = self.balancer.take() else {
             bail!("not a balancer arm");
         };
@@ -296,6 +302,36 @@ impl Server {
         Ok(())
     }
 
+    /// `balancer upgrade` to the same binary: a new controller process takes the group over;
+    /// the old one exits (the first time, it is our child and is reaped here).
+    pub fn upgrade_controller(&mut self) -> Result<()> {
+        let Some((child, control)) = &mut self.balancer else {
+            bail!("not a balancer arm");
+        };
+        let out = Command::new(&self.ctx_balancer)
+            .arg("upgrade")
+            .arg("--binary")
+            .arg(&self.ctx_balancer)
+            .arg("--control")
+            .arg(control.as_path())
+            .output()?;
+        let reply = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("balancer upgrade: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let pid = reply
+            .split("-> pid ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no new controller pid in {reply:?}"))?;
+        if self.upgraded_to.is_none() {
+            let _ = child.wait();
+        }
+        self.upgraded_to = Some(pid);
+        Ok(())
+    }
+
     /// SIGSTOP or SIGCONT to worker `slot`.
     pub fn signal_worker(&self, slot: u32, sig: libc::c_int) -> Result<()> {
         let pid = self
@@ -308,6 +344,10 @@ impl Server {
 
     /// Stops everything.
     pub fn stop(mut self) {
+        if let Some(pid) = self.upgraded_to.take() {
+            stop_upgraded(pid);
+            self.balancer = None;
+        }
         if let Some((mut child, _)) = self.balancer.take() {
             // SAFETY: SIGTERM to our child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -320,8 +360,32 @@ impl Server {
     }
 }
 
+/// Stops a controller that an upgrade put in charge (not our child): SIGTERM, which stops
+/// its workers in order, then SIGKILL if it is still there after 15 s.
+fn stop_upgraded(pid: u32) {
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    // SAFETY: kill(2) on the controller this bench's upgrade started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !gone() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !gone() {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some(pid) = self.upgraded_to.take() {
+            stop_upgraded(pid);
+        }
         if let Some((child, _)) = &mut self.balancer {
             // Workers outlive a killed controller: SIGTERM, which stops them in order, and
             // SIGKILL only if it does not end in time.

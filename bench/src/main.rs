@@ -172,6 +172,8 @@ fn run(args: Args) -> Result<()> {
         if let Arm::Balancer(_) = arm {
             bar.set_message(format!("controller restarts {}", arm.name()));
             reports[i].restart = Some(controller_restarts(*arm, &ctx, &cpus, &plan)?);
+            bar.set_message(format!("controller upgrades {}", arm.name()));
+            reports[i].upgrade = Some(controller_upgrades(*arm, &ctx, &cpus, &plan)?);
         }
         bar.inc(1);
     }
@@ -195,8 +197,8 @@ fn run(args: Args) -> Result<()> {
 
 fn plan_text(p: &Plan) -> String {
     format!(
-        "{} run(s) of {:?} closed-loop per arm; stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}; controller restarts (balancer arms): closed loop for {:?}, the controller SIGKILLed and started again every 700 ms",
-        p.runs, p.run, p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every, p.kill_load
+        "{} run(s) of {:?} closed-loop per arm; stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}; controller restarts (balancer arms): closed loop for {:?}, the controller SIGKILLed and started again every 700 ms; controller upgrades (balancer arms): closed loop for {:?}, `balancer upgrade` every 700 ms",
+        p.runs, p.run, p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every, p.kill_load, p.kill_load
     )
 }
 
@@ -275,6 +277,23 @@ fn controller_restarts(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Re
     thread::sleep(every / 2);
     while Instant::now() + every < end {
         server.restart_controller()?;
+        thread::sleep(every);
+    }
+    finish_closed_loop(client, server)
+}
+
+/// Closed-loop load while the controller is upgraded (a new process takes the group over)
+/// every 700 ms.
+fn controller_upgrades(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<Scenario> {
+    let mut server = Server::start(arm, ctx, false)?;
+    let addr = server.addr;
+    let (cpus_owned, load) = (cpus.to_vec(), plan.kill_load);
+    let client = thread::spawn(move || closed_loop(addr, &cpus_owned, load));
+    let end = Instant::now() + plan.kill_load;
+    let every = Duration::from_millis(700);
+    thread::sleep(every / 2);
+    while Instant::now() + every < end {
+        server.upgrade_controller()?;
         thread::sleep(every);
     }
     finish_closed_loop(client, server)

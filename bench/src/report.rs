@@ -38,6 +38,8 @@ pub struct ArmReport {
     pub switch: Option<Scenario>,
     /// Controller `kill -9` and restart (adoption) under load (balancer arms).
     pub restart: Option<Scenario>,
+    /// Controller upgrades under load (balancer arms).
+    pub upgrade: Option<Scenario>,
 }
 
 impl ArmReport {
@@ -51,6 +53,7 @@ impl ArmReport {
             kill: None,
             switch: None,
             restart: None,
+            upgrade: None,
         }
     }
 
@@ -85,6 +88,7 @@ struct ArmJson<'a> {
     killed_workers: Option<Scenario>,
     policy_switches: Option<Scenario>,
     controller_restarts: Option<Scenario>,
+    controller_upgrades: Option<Scenario>,
 }
 
 impl Report {
@@ -166,13 +170,13 @@ impl Report {
                 a.runs.iter().map(|r| r.failed).sum::<u64>(),
             );
         }
-        out.push_str("\n| arm | stopped worker: first byte > 1 s | timed out | failed | killed workers: failed connections | policy switches: failed | controller kill -9 + restart: failed |\n");
-        out.push_str("|---|---|---|---|---|---|---|\n");
+        out.push_str("\n| arm | stopped worker: first byte > 1 s | timed out | failed | killed workers: failed connections | policy switches: failed | controller kill -9 + restart: failed | controller upgrades: failed |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|\n");
         for a in &self.arms {
             let s = a.stall;
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 a.name,
                 s.map_or("–".into(), |s| format!(
                     "{} of {} ({:.2} %)",
@@ -191,6 +195,10 @@ impl Report {
                     k.failed, k.connections
                 )),
                 a.restart.map_or("–".into(), |k| format!(
+                    "{} of {}",
+                    k.failed, k.connections
+                )),
+                a.upgrade.map_or("–".into(), |k| format!(
                     "{} of {}",
                     k.failed, k.connections
                 )),
@@ -226,6 +234,7 @@ impl Report {
                 killed_workers: a.kill,
                 policy_switches: a.switch,
                 controller_restarts: a.restart,
+                controller_upgrades: a.upgrade,
             })
             .collect();
         std::fs::write(
@@ -358,14 +367,19 @@ It builds the release binaries, runs the benchmark as root (through sudo when ne
                     bail!("{}: the stopped-worker scenario made no connection", a.name);
                 }
             }
-            if let Some(r) = a.restart {
-                if r.connections == 0 || r.failed > 0 {
-                    bail!(
-                        "{}: {} of {} connections failed across controller kill -9 and restart",
-                        a.name,
-                        r.failed,
-                        r.connections
-                    );
+            for (what, s) in [
+                ("controller kill -9 and restart", a.restart),
+                ("controller upgrades", a.upgrade),
+            ] {
+                if let Some(r) = s {
+                    if r.connections == 0 || r.failed > 0 {
+                        bail!(
+                            "{}: {} of {} connections failed across {what}",
+                            a.name,
+                            r.failed,
+                            r.connections
+                        );
+                    }
                 }
             }
         }
