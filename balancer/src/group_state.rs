@@ -184,7 +184,30 @@ impl GroupRecord {
                 ),
             });
         }
+        if let Err(why) = record.check() {
+            return Err(RecordError::Unreadable { path, why });
+        }
         Ok(Some(record))
+    }
+
+    /// Whether the record can describe a group (it may have been edited by hand).
+    fn check(&self) -> Result<(), String> {
+        let slots = self.slots.len();
+        if !(1..=balancer_common::MAX_SLOTS as usize).contains(&slots) {
+            return Err(format!(
+                "{slots} slots, not 1 to {}",
+                balancer_common::MAX_SLOTS
+            ));
+        }
+        if self.listen.is_empty() {
+            return Err("no listen address".into());
+        }
+        if let Some(w) = &self.weights {
+            if w.len() != slots {
+                return Err(format!("{} weights for {slots} slots", w.len()));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the record into `dir` atomically (a new file renamed over the old one), so that
@@ -270,6 +293,20 @@ mod tests {
         assert_eq!(GroupRecord::load(&dir).unwrap(), None);
         record.save(&dir).unwrap();
         assert_eq!(GroupRecord::load(&dir).unwrap(), Some(record.clone()));
+        let mut many = record.clone();
+        many.slots = vec![SlotRecord::default(); 129];
+        many.save(&dir).unwrap();
+        assert!(matches!(
+            GroupRecord::load(&dir),
+            Err(RecordError::Unreadable { .. })
+        ));
+        let mut weighted = record.clone();
+        weighted.weights = Some(vec![1, 2]);
+        weighted.save(&dir).unwrap();
+        assert!(matches!(
+            GroupRecord::load(&dir),
+            Err(RecordError::Unreadable { .. })
+        ));
         let mut other = record;
         other.version = 99;
         other.save(&dir).unwrap();

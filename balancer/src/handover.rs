@@ -128,16 +128,21 @@ impl Successor {
         let line = self.read(until).await?;
         match line.strip_prefix("HELLO ") {
             Some(version) => Ok(version.trim().to_owned()),
-            None => Err(self.failed(format!("said {line:?} instead of HELLO"))),
+            None => Err(self.said(&line, "HELLO")),
         }
     }
 
     /// Lets it adopt the group `name` (whatever its own arguments say: `--listen` with port
-    /// 0 names no group).
-    pub async fn go(&mut self, name: &str) -> Result<(), HandoverError> {
+    /// 0 names no group), telling it where our copies of the group's sockets are, so that it
+    /// takes them (`pidfd_getfd`) for slots that have no worker to take them from.
+    pub async fn go(&mut self, name: &str, sockets: &[SocketFd]) -> Result<(), HandoverError> {
         use tokio::io::AsyncWriteExt;
+        let fds: Vec<String> = sockets
+            .iter()
+            .map(|s| format!("{}.{}={}", s.slot, s.address, s.fd))
+            .collect();
         self.writer
-            .write_all(format!("GO {name}\n").as_bytes())
+            .write_all(format!("GO {name} {}\n", fds.join(" ")).as_bytes())
             .await
             .map_err(HandoverError::Channel)
     }
@@ -151,7 +156,7 @@ impl Successor {
                 pid.parse().unwrap_or_else(|_| self.pid()),
                 version.to_owned(),
             )),
-            _ => Err(self.failed(format!("said {line:?} instead of READY"))),
+            _ => Err(self.said(&line, "READY")),
         }
     }
 
@@ -162,10 +167,11 @@ impl Successor {
     }
 
     async fn read(&mut self, until: tokio::time::Instant) -> Result<String, HandoverError> {
+        let waited = until.saturating_duration_since(self.deadline - READY_WITHIN);
         match tokio::time::timeout_at(until, self.lines.next_line()).await {
             Err(_) => Err(self.failed(format!(
-                "was not ready within {}",
-                humantime::format_duration(READY_WITHIN)
+                "did not answer within {}",
+                humantime::format_duration(Duration::from_secs(waited.as_secs()))
             ))),
             Ok(Ok(Some(line))) => Ok(line),
             Ok(Ok(None)) => {
@@ -192,12 +198,64 @@ impl Successor {
         }
     }
 
+    /// An unexpected line: the successor's own error (`ERROR …`), or a protocol fault.
+    fn said(&self, line: &str, expected: &str) -> HandoverError {
+        match line.strip_prefix("ERROR ") {
+            Some(why) => self.failed(format!("failed: {why}")),
+            None => self.failed(format!("said {line:?} instead of {expected}")),
+        }
+    }
+
     fn failed(&self, what: String) -> HandoverError {
         HandoverError::Failed {
             pid: self.pid(),
             what,
         }
     }
+}
+
+/// One of the old controller's socket descriptors: slot, address index, fd number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketFd {
+    /// The slot.
+    pub slot: u32,
+    /// The listen address's index.
+    pub address: usize,
+    /// The descriptor's number in the old controller.
+    pub fd: RawFd,
+}
+
+/// What the old controller hands over with `GO`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handed {
+    /// The old controller's pid.
+    pub pid: u32,
+    /// The group's name.
+    pub group: String,
+    /// Where its copies of the group's sockets are.
+    pub sockets: Vec<SocketFd>,
+}
+
+/// Parses `GO <group> <slot>.<address>=<fd> …`.
+fn parse_go(line: &str) -> Option<(String, Vec<SocketFd>)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "GO" {
+        return None;
+    }
+    let group = words.next()?;
+    crate::group_state::check_name(group).ok()?;
+    let sockets = words
+        .map(|w| {
+            let (at, fd) = w.split_once('=')?;
+            let (slot, address) = at.split_once('.')?;
+            Some(SocketFd {
+                slot: slot.parse().ok()?,
+                address: address.parse().ok()?,
+                fd: fd.parse().ok()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((group.to_owned(), sockets))
 }
 
 /// The new controller's side.
@@ -227,9 +285,9 @@ impl Predecessor {
         })
     }
 
-    /// Says we run and waits until the predecessor has let go of the group; returns the
-    /// group's name.
-    pub fn hello(&mut self) -> Result<String, HandoverError> {
+    /// Says we run and waits until the predecessor has let go of the group; returns what it
+    /// handed over.
+    pub fn hello(&mut self) -> Result<Handed, HandoverError> {
         let fail = |what: String| HandoverError::Predecessor {
             pid: self.pid,
             what,
@@ -244,17 +302,23 @@ impl Predecessor {
         BufReader::new(&self.stream)
             .read_line(&mut line)
             .map_err(|e| fail(format!("did not answer: {e}")))?;
-        let name = match line.trim_end().strip_prefix("GO ") {
-            Some(name) if crate::group_state::check_name(name).is_ok() => name.to_owned(),
-            _ => {
-                return Err(fail(format!(
-                    "said {:?} instead of GO <group>",
-                    line.trim_end()
-                )))
-            }
+        let Some((group, sockets)) = parse_go(line.trim_end()) else {
+            return Err(fail(format!(
+                "said {:?} instead of GO <group> <sockets>",
+                line.trim_end()
+            )));
         };
-        info!("taking group {name} over from controller pid {}", self.pid);
-        Ok(name)
+        info!("taking group {group} over from controller pid {}", self.pid);
+        Ok(Handed {
+            pid: self.pid,
+            group,
+            sockets,
+        })
+    }
+
+    /// A second handle on the channel, to report a failure after the predecessor moved on.
+    pub fn failure_channel(&self) -> Option<FailureChannel> {
+        self.stream.try_clone().ok().map(FailureChannel)
     }
 
     /// Tells the predecessor we are ready: it exits.
@@ -263,5 +327,40 @@ impl Predecessor {
         if let Err(e) = self.stream.write_all(line.as_bytes()) {
             warn!("telling controller pid {} we are ready: {e}", self.pid);
         }
+    }
+}
+
+/// Where a new controller that fails to start tells its predecessor why (the predecessor
+/// quotes it in the failed command's reply).
+pub struct FailureChannel(UnixStream);
+
+impl FailureChannel {
+    /// Sends `ERROR <why>` (one line).
+    pub fn report(mut self, why: &str) {
+        let line = why.replace('\n', "; ");
+        let _ = self.0.write_all(format!("ERROR {line}\n").as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_lines_name_the_group_and_the_socket_fds() {
+        assert_eq!(
+            parse_go("GO web 0.0=7 1.0=9"),
+            Some((
+                "web".to_owned(),
+                vec![
+                    SocketFd { slot: 0, address: 0, fd: 7 },
+                    SocketFd { slot: 1, address: 0, fd: 9 }
+                ]
+            ))
+        );
+        assert_eq!(parse_go("GO web"), Some(("web".to_owned(), vec![])));
+        assert_eq!(parse_go("GO a.b 0.0=7"), None, "not a group name");
+        assert_eq!(parse_go("GO web 0.0=x"), None);
+        assert_eq!(parse_go("READY 1 2"), None);
     }
 }

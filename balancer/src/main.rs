@@ -110,7 +110,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     // Started by an upgrade: the old controller waits for us on this channel. Read (and the
     // variable removed) while this process is still single-threaded.
-    let mut predecessor = handover::Predecessor::from_env();
+    let predecessor = handover::Predecessor::from_env();
+    let failure = predecessor.as_ref().and_then(|p| p.failure_channel());
+    let result = run_group(args, predecessor);
+    // The old controller quotes why we could not take over in the failed command's reply.
+    if let (Err(e), Some(failure)) = (&result, failure) {
+        failure.report(&format!("{e:#}"));
+    }
+    result
+}
+
+fn run_group(
+    args: RunArgs,
+    mut predecessor: Option<handover::Predecessor>,
+) -> anyhow::Result<()> {
     let started_from = std::env::current_exe().context("finding this binary's path")?;
     let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     steering::check_object()?;
@@ -120,9 +133,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     privileges::check()?;
     // A bad NOTIFY_SOCKET or WATCHDOG_USEC is the manager's configuration error: say so
     // before anything is bound.
-    let manager = ServiceManager::from_env()?;
+    let manager = ServiceManager::from_env(predecessor.is_some())?;
     let handing_over = match &mut predecessor {
-        Some(p) => Some((p.pid, p.hello()?)),
+        Some(p) => Some(p.hello()?),
         None => None,
     };
     let manager = match predecessor {
@@ -166,14 +179,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let pin_dir = startup::pin_dir(args.bpffs_dir.clone(), &prepared.name)?;
     let bound: Vec<std::net::SocketAddr> =
         prepared.group.addresses.iter().map(|a| a.addr).collect();
-    // What a dead controller pinned: its counters continue in the new maps; the rest goes.
-    let carried = match (&pin_dir, prepared.adopted_from) {
-        (Some(dir), Some(_)) => steering::pinned_counters(dir, &bound),
-        _ => Vec::new(),
-    };
-    if let Some(dir) = &pin_dir {
-        steering::unpin_addresses(dir, &bound);
-    }
     let rt = runtime()?;
     rt.block_on(async move {
         // An upgrade takes the old controller's path in one step.
@@ -181,6 +186,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(_) => ControlSocket::bind_over(&args.control)?,
             None => ControlSocket::bind(&args.control)?,
         };
+        // What a dead controller pinned: its counters continue in the new maps; the rest goes
+        // (only now that nothing else can fail before the new program is attached and pinned).
+        let carried = match (&pin_dir, prepared.adopted_from) {
+            (Some(dir), Some(_)) => steering::pinned_counters(dir, &bound),
+            _ => Vec::new(),
+        };
+        if let Some(dir) = &pin_dir {
+            steering::unpin_addresses(dir, &bound);
+        }
         let _stats = if args.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)

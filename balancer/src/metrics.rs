@@ -23,7 +23,19 @@ pub async fn serve(
     addr: SocketAddr,
     commands: mpsc::Sender<Command>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    // SO_REUSEPORT: during an upgrade the new controller binds the same address while the
+    // old one still serves it; each scrape is answered by one of the two.
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
     let bound = listener.local_addr()?;
     // A scraper needs one connection; a flood must not eat the controller's fds.
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));

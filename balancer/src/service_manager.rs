@@ -52,7 +52,10 @@ impl ServiceManager {
 
     /// From the environment the manager gave us (`NOTIFY_SOCKET`, `WATCHDOG_USEC`,
     /// `WATCHDOG_PID`). A watchdog meant for another pid is not ours.
-    pub fn from_env() -> Result<Self, ServiceManagerError> {
+    ///
+    /// `handing_over`: we take over from a controller whose watchdog this is (systemd set
+    /// `WATCHDOG_PID` to the old main process; after the handover we are the main process).
+    pub fn from_env(handing_over: bool) -> Result<Self, ServiceManagerError> {
         let Some(value) = std::env::var_os("NOTIFY_SOCKET") else {
             return Ok(Self::none());
         };
@@ -71,9 +74,10 @@ impl ServiceManager {
         }
         .map_err(address)?;
         let socket = UnixDatagram::unbound().map_err(address)?;
-        let ours = std::env::var("WATCHDOG_PID")
-            .ok()
-            .is_none_or(|p| p.trim() == std::process::id().to_string());
+        let ours = handing_over
+            || std::env::var("WATCHDOG_PID")
+                .ok()
+                .is_none_or(|p| p.trim() == std::process::id().to_string());
         let watchdog = match std::env::var("WATCHDOG_USEC") {
             Ok(usec) if ours => match usec.trim().parse::<u64>() {
                 Ok(n) if n > 0 => Some(Duration::from_micros(n)),

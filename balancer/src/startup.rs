@@ -12,6 +12,8 @@ use log::{info, warn};
 
 use crate::{
     adoption::{self, Found},
+    handover::Handed,
+    pidfd,
     group_state::{self, STATE_ROOT},
     socket_group::SocketGroup,
     supervisor::settings::InheritedSlot,
@@ -59,12 +61,12 @@ pub fn prepare(
     slots: u32,
     steer: (PolicyKind, u32),
     backlog: u32,
-    handing_over: Option<(u32, String)>,
+    handed: Option<Handed>,
 ) -> anyhow::Result<Prepared> {
     // A handover names the group; the record then says where it listens (our own --listen
     // may say port 0, which names no group).
-    let (handing_over, name) = match handing_over {
-        Some((pid, group)) => (Some(pid), Some(group)),
+    let (handing_over, name) = match &handed {
+        Some(h) => (Some(h.pid), Some(h.group.clone())),
         None => (None, name),
     };
     // With port 0 the real port exists only once bound: such a group has nothing to adopt.
@@ -107,6 +109,13 @@ pub fn prepare(
     let mut inherited = Vec::with_capacity(record.slots.len());
     let mut sockets = Vec::with_capacity(record.slots.len());
     let mut pidfds = Vec::new();
+    // In a handover the old controller still holds every socket, a worker-less slot's too:
+    // those are taken from it rather than bound anew (which would leave its socket a
+    // stranger in the group).
+    let mut from_predecessor = match &handed {
+        Some(h) => predecessor_sockets(h, record.listen.len())?,
+        None => Default::default(),
+    };
     for (i, s) in record.slots.iter().enumerate() {
         let worker = workers.get_mut(i).and_then(Option::take);
         inherited.push(InheritedSlot {
@@ -119,7 +128,7 @@ pub fn prepare(
                 sockets.push(Some(w.sockets));
                 pidfds.push((w.pid, w.pidfd));
             }
-            None => sockets.push(None),
+            None => sockets.push(from_predecessor.remove(&(i as u32))),
         }
     }
     let group = SocketGroup::adopt(&record.listen, sockets, backlog).with_context(|| {
@@ -148,6 +157,36 @@ pub fn prepare(
         adopted_pidfds: pidfds,
         adopted_from: Some(record.controller.pid),
     })
+}
+
+/// Copies of the old controller's sockets, by slot (every address of a slot, in order), taken
+/// with `pidfd_getfd`.
+fn predecessor_sockets(
+    handed: &Handed,
+    addresses: usize,
+) -> anyhow::Result<std::collections::HashMap<u32, Vec<socket2::Socket>>> {
+    let pidfd = pidfd::open(handed.pid)
+        .with_context(|| format!("opening controller pid {} (pidfd_open)", handed.pid))?;
+    let mut by_slot: std::collections::HashMap<u32, Vec<Option<socket2::Socket>>> =
+        std::collections::HashMap::new();
+    for s in &handed.sockets {
+        let fd = pidfd::get_fd(&pidfd, s.fd).with_context(|| {
+            format!(
+                "copying slot {}'s socket (fd {}) from controller pid {}",
+                s.slot, s.fd, handed.pid
+            )
+        })?;
+        let slot = by_slot
+            .entry(s.slot)
+            .or_insert_with(|| (0..addresses).map(|_| None).collect());
+        if let Some(at) = slot.get_mut(s.address) {
+            *at = Some(socket2::Socket::from(fd));
+        }
+    }
+    Ok(by_slot
+        .into_iter()
+        .filter_map(|(slot, sockets)| Some((slot, sockets.into_iter().collect::<Option<Vec<_>>>()?)))
+        .collect())
 }
 
 /// The default BPF filesystem.

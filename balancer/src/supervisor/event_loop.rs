@@ -16,7 +16,7 @@ use super::{
     operation::Responder,
     real_host::{RealHost, Workers},
     settings::SupervisorConfig,
-    upgrade::{forward_pending, upgrade, UpgradeContext},
+    upgrade::{forward_pending, tick_watchdog, upgrade, UpgradeContext},
 };
 use crate::{
     control::{
@@ -109,10 +109,11 @@ pub async fn run(
             },
             Some((request, reply)) = commands.recv() => {
                 if let Request::Upgrade { binary } = request {
-                    match upgrade(&mut sup, &mut upgrades, binary).await {
-                        Ok(message) => {
+                    match upgrade(&mut sup, &mut upgrades, binary, &mut watchdog).await {
+                        Ok((message, successor)) => {
                             let _ = reply.send(Ok(Reply::Done { message }));
                             forward_pending(&mut commands, &upgrades).await;
+                            forward_stop(&mut term, &mut int, successor).await;
                             sup.print_report();
                             return Ok(Exit::HandedOver);
                         }
@@ -124,9 +125,10 @@ pub async fn run(
             }
             _ = usr2.recv() => {
                 info!("SIGUSR2: upgrading");
-                match upgrade(&mut sup, &mut upgrades, None).await {
-                    Ok(_) => {
+                match upgrade(&mut sup, &mut upgrades, None, &mut watchdog).await {
+                    Ok((_, successor)) => {
                         forward_pending(&mut commands, &upgrades).await;
+                        forward_stop(&mut term, &mut int, successor).await;
                         sup.print_report();
                         return Ok(Exit::HandedOver);
                     }
@@ -153,13 +155,24 @@ pub async fn run(
     Ok(Exit::Stopped)
 }
 
-/// The next watchdog tick; never, without a watchdog.
-async fn tick_watchdog(watchdog: &mut Option<tokio::time::Interval>) {
-    match watchdog {
-        Some(interval) => {
-            interval.tick().await;
+/// A SIGTERM or SIGINT that arrived while we handed over was meant for the service: it goes
+/// to the controller now in charge.
+async fn forward_stop(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    successor: u32,
+) {
+    let pending = |r: Result<Option<()>, _>| matches!(r, Ok(Some(())));
+    let stop = pending(tokio::time::timeout(Duration::ZERO, term.recv()).await)
+        | pending(tokio::time::timeout(Duration::ZERO, int.recv()).await);
+    if stop {
+        info!("a stop request came during the handover: SIGTERM to controller pid {successor}");
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(successor as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        ) {
+            warn!("SIGTERM to controller pid {successor}: {e}");
         }
-        None => std::future::pending().await,
     }
 }
 

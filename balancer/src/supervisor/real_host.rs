@@ -33,6 +33,7 @@ use crate::{
     activation::{self, WorkerLaunch},
     affinity,
     group_state::{self, GroupRecord, ProcessId, SlotRecord, WorkerRecord, RECORD_VERSION},
+    handover::SocketFd,
     policy::CpuLayout,
     report::{self, SlotView},
     service_manager::ServiceManager,
@@ -165,6 +166,23 @@ impl RealHost {
     /// (a successor may have written its own meanwhile).
     pub fn rewrite_record(&mut self) {
         self.record = None;
+    }
+
+    /// Where this controller's copies of the group's sockets are (for a successor to take).
+    pub fn socket_fds(&self) -> Vec<SocketFd> {
+        use std::os::fd::AsRawFd;
+        self.group
+            .addresses
+            .iter()
+            .enumerate()
+            .flat_map(|(address, a)| {
+                (0u32..).zip(&a.sockets).map(move |(slot, s)| SocketFd {
+                    slot,
+                    address,
+                    fd: s.as_raw_fd(),
+                })
+            })
+            .collect()
     }
 
     /// Takes every socket out of the socket arrays (an upgrade's successor puts them in its

@@ -6,7 +6,7 @@ use std::{ffi::OsString, path::PathBuf};
 use log::{error, info, warn};
 use tokio::sync::mpsc;
 
-use super::{machine::Supervisor, real_host::RealHost};
+use super::{host::Host, machine::Supervisor, real_host::RealHost};
 use crate::{
     activation,
     control::{
@@ -39,7 +39,8 @@ pub async fn upgrade(
     sup: &mut Supervisor<RealHost>,
     ctx: &mut UpgradeContext,
     binary: Option<PathBuf>,
-) -> Result<String, ErrorReply> {
+    watchdog: &mut Option<tokio::time::Interval>,
+) -> Result<(String, u32), ErrorReply> {
     if let Some(busy) = sup.busy() {
         return Err(busy);
     }
@@ -66,7 +67,7 @@ pub async fn upgrade(
     };
     let mut next = Successor::start(&binary, &ctx.args).map_err(|e| failed(&e))?;
     // Nothing has changed until it says it runs.
-    if let Err(e) = next.hello().await {
+    if let Err(e) = keep_watchdog(sup, watchdog, next.hello()).await {
         next.abandon();
         error!("{}", failed(&e));
         return Err(failed(&e));
@@ -76,8 +77,9 @@ pub async fn upgrade(
     sup.host_mut().rewrite_record();
     sup.save_record();
     sup.host_mut().withdraw_sockets();
-    let outcome = match next.go(&ctx.group).await {
-        Ok(()) => next.ready().await,
+    let sockets = sup.host().socket_fds();
+    let outcome = match next.go(&ctx.group, &sockets).await {
+        Ok(()) => keep_watchdog(sup, watchdog, next.ready()).await,
         Err(e) => Err(e),
     };
     match outcome {
@@ -86,7 +88,7 @@ pub async fn upgrade(
                 "upgraded: controller pid {me} ({VERSION}) -> pid {pid} ({version}); every worker kept"
             );
             info!("{message}");
-            Ok(message)
+            Ok((message, pid))
         }
         Err(e) => {
             let pid = next.pid();
@@ -110,6 +112,32 @@ pub async fn upgrade(
             );
             Err(reply)
         }
+    }
+}
+
+/// Awaits `step`, telling the service manager's watchdog we are alive meanwhile (a handover
+/// may take longer than its timeout).
+async fn keep_watchdog<T>(
+    sup: &mut Supervisor<RealHost>,
+    watchdog: &mut Option<tokio::time::Interval>,
+    step: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(step);
+    loop {
+        tokio::select! {
+            out = &mut step => return out,
+            _ = tick_watchdog(watchdog) => sup.host_mut().tell_manager("WATCHDOG=1"),
+        }
+    }
+}
+
+/// The next watchdog tick; never, without a watchdog.
+pub async fn tick_watchdog(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
