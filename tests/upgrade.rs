@@ -122,3 +122,69 @@ fn a_failed_upgrade_leaves_the_old_controller_in_charge() {
     let (exit, _) = b.stop();
     assert!(exit.success());
 }
+
+/// A new controller that fails after the old one let go of the group (here: a successor that
+/// refuses its pin directory once it has been told to take over): the old one takes the
+/// sockets back and steers again, and the reply quotes the successor's reason.
+#[test]
+fn an_upgrade_that_fails_after_the_handover_began_is_rolled_back() {
+    let mut b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    let addr = b.addrs[0];
+    let before: Vec<u32> = b.status().slots.iter().filter_map(|s| s.pid).collect();
+    let wrapper = unique_path("balancer-broken");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\" --bpffs-dir /proc\n",
+            balancer_tests::balancer_bin().display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let e = b.cli_error(&["upgrade", "--binary", wrapper.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&wrapper);
+    assert_eq!(e.kind, ErrorKind::Failed, "{}", e.message);
+    assert!(
+        e.message.contains("not on a BPF filesystem"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message
+            .contains(&format!("controller pid {} stays in charge", b.pid())),
+        "{}",
+        e.message
+    );
+    // Steering is the old controller's again: every connection is counted as steered by it.
+    let status = b.status();
+    assert_eq!(status.pid, b.pid());
+    assert_eq!(
+        status
+            .slots
+            .iter()
+            .filter_map(|s| s.pid)
+            .collect::<Vec<_>>(),
+        before
+    );
+    let steered = |b: &Balancer| -> u64 { b.status().slots.iter().map(|s| s.steered).sum() };
+    let errors = |b: &Balancer| -> u64 { b.status().slots.iter().map(|s| s.select_errors).sum() };
+    let (s0, e0) = (steered(&b), errors(&b));
+    for _ in 0..100 {
+        assert!(before.contains(&get(addr).expect("answered").pid));
+    }
+    assert_eq!(
+        steered(&b),
+        s0 + 100,
+        "the program selects the old controller's sockets again"
+    );
+    assert_eq!(errors(&b), e0);
+    let (exit, _) = b.stop();
+    assert!(exit.success());
+    for p in before {
+        assert!(wait_gone(p, Duration::from_secs(10)));
+    }
+}

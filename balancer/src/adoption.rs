@@ -5,14 +5,20 @@ use std::{
     net::SocketAddr,
     os::fd::{OwnedFd, RawFd},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use log::{info, warn};
 use socket2::Socket;
 
+use nix::{
+    sys::signal::{killpg, Signal},
+    unistd::Pid,
+};
+
 use crate::{
     activation::LISTEN_FDS_START,
-    group_state::{GroupRecord, RecordError},
+    group_state::{GroupRecord, ProcessId, RecordError},
     pidfd,
 };
 
@@ -40,6 +46,9 @@ pub enum Found {
         record: GroupRecord,
         /// Index = slot.
         workers: Vec<Option<AdoptedWorker>>,
+        /// Index = slot: its other workers still alive (a restart's successor, replaced
+        /// workers), with their pidfds, to be stopped.
+        others: Vec<Vec<(u32, OwnedFd)>>,
     },
 }
 
@@ -96,9 +105,14 @@ pub fn find(
     let running: Vec<u32> = record
         .slots
         .iter()
-        .filter_map(|s| s.worker.as_ref())
-        .filter(|w| w.process.alive())
-        .map(|w| w.process.pid)
+        .flat_map(|s| {
+            s.worker
+                .iter()
+                .map(|w| w.process)
+                .chain(s.others.iter().copied())
+        })
+        .filter(ProcessId::alive)
+        .map(|p| p.pid)
         .collect();
     if running.is_empty() {
         info!(
@@ -137,23 +151,64 @@ pub fn find(
                     sockets,
                 }),
                 Err(why) => {
+                    // Left running, it would hold a socket of the group that nobody steers
+                    // to or supervises, and keep every later start from adopting the group.
                     warn!(
-                        "slot {slot}: worker pid {} not adopted: {why}",
+                        "slot {slot}: worker pid {} cannot be adopted ({why}): stopping it; the slot gets a new worker",
                         w.process.pid
                     );
+                    stop(&w.process);
                     None
                 }
             }
         })
         .collect();
-    Ok(Found::Group { record, workers })
+    let others = record
+        .slots
+        .iter()
+        .map(|s| {
+            s.others
+                .iter()
+                .filter_map(|p| {
+                    let pidfd = pidfd::open(p.pid).ok()?;
+                    // Checked with the pidfd held: the pid cannot be reused under us now.
+                    p.alive().then_some((p.pid, pidfd))
+                })
+                .collect()
+        })
+        .collect();
+    Ok(Found::Group {
+        record,
+        workers,
+        others,
+    })
+}
+
+/// How long a worker that cannot be adopted gets to exit after SIGTERM.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+/// Stops a recorded worker that still runs (SIGTERM to its process group, SIGKILL after
+/// [`STOP_WITHIN`]), checking its identity before every signal.
+fn stop(process: &ProcessId) {
+    let group = Pid::from_raw(process.pid as i32);
+    if !process.alive() {
+        return;
+    }
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_WITHIN;
+    while process.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if process.alive() {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
 }
 
 /// Opens a pidfd on the recorded worker, checks it is still that process, and copies its
 /// sockets (fd 3, 4, … by socket activation), each checked to listen on its address.
 fn adopt(
     pid: u32,
-    recorded: &crate::group_state::ProcessId,
+    recorded: &ProcessId,
     listen: &[SocketAddr],
 ) -> Result<(OwnedFd, Vec<Socket>), String> {
     if !recorded.alive() {

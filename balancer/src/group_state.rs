@@ -81,6 +81,10 @@ pub struct SlotRecord {
     pub drained: bool,
     /// Times its worker was replaced.
     pub restarts: u32,
+    /// Its other workers: a rolling restart's successor, replaced workers still finishing.
+    /// A successor stops them (they would otherwise run on unsupervised).
+    #[serde(default)]
+    pub others: Vec<ProcessId>,
 }
 
 /// Everything a successor needs to adopt the group.

@@ -353,8 +353,16 @@ mod tests {
             Some((
                 "web".to_owned(),
                 vec![
-                    SocketFd { slot: 0, address: 0, fd: 7 },
-                    SocketFd { slot: 1, address: 0, fd: 9 }
+                    SocketFd {
+                        slot: 0,
+                        address: 0,
+                        fd: 7
+                    },
+                    SocketFd {
+                        slot: 1,
+                        address: 0,
+                        fd: 9
+                    }
                 ]
             ))
         );

@@ -120,10 +120,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-fn run_group(
-    args: RunArgs,
-    mut predecessor: Option<handover::Predecessor>,
-) -> anyhow::Result<()> {
+fn run_group(args: RunArgs, mut predecessor: Option<handover::Predecessor>) -> anyhow::Result<()> {
     let started_from = std::env::current_exe().context("finding this binary's path")?;
     let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     steering::check_object()?;
@@ -283,6 +280,7 @@ fn run_group(
                 started_from,
                 args: own_args,
                 group: prepared.name.clone(),
+                pin_dir: pin_dir.clone(),
             },
         )
         .await?;

@@ -98,6 +98,11 @@ impl ServiceManager {
         self
     }
 
+    /// Whether we are taking over from an old controller that still waits for our READY=1.
+    pub fn handing_over(&self) -> bool {
+        self.predecessor.is_some()
+    }
+
     /// Whether a manager listens.
     pub fn active(&self) -> bool {
         self.target.is_some()

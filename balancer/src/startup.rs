@@ -12,9 +12,9 @@ use log::{info, warn};
 
 use crate::{
     adoption::{self, Found},
+    group_state::{self, STATE_ROOT},
     handover::Handed,
     pidfd,
-    group_state::{self, STATE_ROOT},
     socket_group::SocketGroup,
     supervisor::settings::InheritedSlot,
 };
@@ -89,6 +89,7 @@ pub fn prepare(
     let Found::Group {
         record,
         mut workers,
+        mut others,
     } = found
     else {
         let group = SocketGroup::bind(listen, slots, backlog)?;
@@ -118,11 +119,14 @@ pub fn prepare(
     };
     for (i, s) in record.slots.iter().enumerate() {
         let worker = workers.get_mut(i).and_then(Option::take);
+        let retiring = others.get_mut(i).map(std::mem::take).unwrap_or_default();
         inherited.push(InheritedSlot {
             worker: worker.as_ref().map(|w| (w.pid, w.ready)),
             drained: s.drained,
             restarts: s.restarts,
+            retiring: retiring.iter().map(|(pid, _)| *pid).collect(),
         });
+        pidfds.extend(retiring);
         match worker {
             Some(w) => {
                 sockets.push(Some(w.sockets));
@@ -185,7 +189,9 @@ fn predecessor_sockets(
     }
     Ok(by_slot
         .into_iter()
-        .filter_map(|(slot, sockets)| Some((slot, sockets.into_iter().collect::<Option<Vec<_>>>()?)))
+        .filter_map(|(slot, sockets)| {
+            Some((slot, sockets.into_iter().collect::<Option<Vec<_>>>()?))
+        })
         .collect())
 }
 

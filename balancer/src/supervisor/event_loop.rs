@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     control::{
-        protocol::{Reply, Request},
+        protocol::{ErrorKind, ErrorReply, Reply, Request},
         server::Command,
     },
     notify::NotifySocket,
@@ -119,6 +119,12 @@ pub async fn run(
                         }
                         Err(e) => { let _ = reply.send(Err(e)); }
                     }
+                } else if request.changes_state() && sup.host().handing_over() {
+                    // Until the old controller has let go, a change could be lost with us.
+                    let _ = reply.send(Err(ErrorReply::new(
+                        ErrorKind::Busy,
+                        "this controller is still taking over from the previous one: try again in a moment",
+                    )));
                 } else {
                     sup.on_request(request, Responder::to(reply)).await;
                 }

@@ -100,6 +100,8 @@ pub struct SlotSnapshot {
     pub drained: bool,
     /// Times its worker was replaced.
     pub restarts: u32,
+    /// Its other workers' pids (a restart's successor, retiring workers).
+    pub others: Vec<u32>,
 }
 
 /// A worker to re-pin after a scale: its process group moves to `cpus`.

@@ -146,6 +146,15 @@ impl<H: Host> Supervisor<H> {
         self.tell_manager_status();
     }
 
+    /// Every worker's pid (current, successors, retiring).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .flat_map(Slot::workers)
+            .map(|w| w.pid)
+            .collect()
+    }
+
     /// Keeps the group's record for a successor controller (the host writes it when it
     /// changed).
     pub fn save_record(&mut self) {
@@ -157,6 +166,12 @@ impl<H: Host> Supervisor<H> {
                 ready: s.ready(),
                 drained: s.membership == Membership::Drained,
                 restarts: s.crashes.restarts,
+                others: s
+                    .successor()
+                    .into_iter()
+                    .chain(s.retiring.iter().copied())
+                    .map(|w| w.pid)
+                    .collect(),
             })
             .collect();
         self.host.save_record(&slots, &self.steer);
@@ -171,7 +186,22 @@ impl<H: Host> Supervisor<H> {
                 worker: None,
                 drained: false,
                 restarts: 0,
+                retiring: Vec::new(),
             });
+            // A restart's successor or a replaced worker the dead controller left: stopped as
+            // it would have stopped it.
+            for pid in &s.retiring {
+                let generation = self.ids.generation();
+                self.host.watch_adopted(slot, generation, *pid);
+                let worker = Worker {
+                    pid: *pid,
+                    generation,
+                    since: self.host.now(),
+                    ready: true,
+                };
+                info!("slot {slot}: adopted worker pid {pid} is not the slot's: stopping it");
+                self.retire(slot, worker);
+            }
             let state = &mut self.slots[slot as usize];
             state.membership = if s.drained {
                 Membership::Drained

@@ -64,6 +64,9 @@ pub struct RealHost {
     children: HashMap<u32, Generation>,
     /// Pidfds of the workers adopted at start, until the supervisor watches them.
     adopted: HashMap<u32, OwnedFd>,
+    /// A second pidfd of each watched adopted worker: it is not our child, so its pid is free
+    /// for reuse the moment it exits; a signal goes out only while this says it runs.
+    adopted_alive: HashMap<u32, OwnedFd>,
     /// Start times of the workers, for the record (a pid alone could be reused).
     start_times: HashMap<u32, u64>,
     /// Where the group's record goes, and the last one written.
@@ -96,6 +99,7 @@ impl RealHost {
                 .filter_map(|(pid, _)| Some((*pid, group_state::start_time(*pid)?)))
                 .collect(),
             adopted: adopted.into_iter().collect(),
+            adopted_alive: HashMap::new(),
             record_dir,
             record: None,
             me: ProcessId::of(std::process::id()),
@@ -107,6 +111,16 @@ impl RealHost {
             events,
         }
     }
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable then).
+fn exited(pidfd: &OwnedFd) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// The kernel's CPU set for `cpus`, warning about offline CPUs; `None` (run unpinned) when
@@ -160,6 +174,16 @@ impl RealHost {
                 });
             }
         }
+    }
+
+    /// Where the group's record is kept.
+    pub fn record_dir(&self) -> &std::path::Path {
+        &self.record_dir
+    }
+
+    /// Whether we are still taking over from an old controller (READY=1 not yet sent).
+    pub fn handing_over(&self) -> bool {
+        self.manager.handing_over()
     }
 
     /// Forgets which record was written, so that the next save writes it whatever it holds
@@ -239,6 +263,12 @@ impl Host for RealHost {
             warn!("slot {slot}: adopted worker pid {pid} has no pidfd: its exit will not be seen");
             return;
         };
+        match pidfd.try_clone() {
+            Ok(second) => {
+                self.adopted_alive.insert(pid, second);
+            }
+            Err(e) => warn!("slot {slot}: adopted worker pid {pid}: {e}"),
+        }
         // SAFETY: the AsyncFd owns the pidfd, which stays open and unchanged until it is dropped.
         let watch = match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
             Ok(fd) => fd,
@@ -281,6 +311,16 @@ impl Host for RealHost {
                     }),
                     drained: s.drained,
                     restarts: s.restarts,
+                    others: s
+                        .others
+                        .iter()
+                        .filter_map(|pid| {
+                            Some(ProcessId {
+                                pid: *pid,
+                                start_time: *self.start_times.get(pid)?,
+                            })
+                        })
+                        .collect(),
                 })
                 .collect(),
             policy: steer.policy.into(),
@@ -297,6 +337,13 @@ impl Host for RealHost {
     }
 
     fn signal(&mut self, pid: u32, signal: Signal) {
+        if let Some(pidfd) = self.adopted_alive.get(&pid) {
+            if exited(pidfd) {
+                // Its exit event is on its way; its pid may name another process already.
+                self.adopted_alive.remove(&pid);
+                return;
+            }
+        }
         // A worker leads its own process group: this reaches its children too.
         if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
             warn!("{signal} to worker pid {pid}: {e}");

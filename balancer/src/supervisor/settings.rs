@@ -54,6 +54,9 @@ pub struct InheritedSlot {
     pub drained: bool,
     /// Times its worker was replaced.
     pub restarts: u32,
+    /// Its other workers still running (adopted to be stopped: SIGTERM, then SIGKILL after
+    /// the grace).
+    pub retiring: Vec<u32>,
 }
 
 /// What the event loop and the host get from the configuration besides the settings.

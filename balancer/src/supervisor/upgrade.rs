@@ -14,7 +14,9 @@ use crate::{
         protocol::{ErrorKind, ErrorReply, Request},
         server::{Command, ControlSocket},
     },
+    group_state::GroupRecord,
     handover::{Successor, VERSION},
+    steering,
 };
 
 /// What an upgrade needs from the process: its control socket, how it was started.
@@ -30,6 +32,8 @@ pub struct UpgradeContext {
     pub args: Vec<OsString>,
     /// The group's name (the new controller finds the record by it).
     pub group: String,
+    /// Where the program and maps are pinned, if anywhere.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Hands the group over to `binary` (default: the one we were started from). Ok: the new
@@ -94,6 +98,17 @@ pub async fn upgrade(
             let pid = next.pid();
             next.abandon();
             let mut reply = failed(&e);
+            // The would-be successor may have pinned its maps over ours: they would hold our
+            // sockets in its socket arrays. Without pins until the next restart (a crash then
+            // restarts the counters), but steering is ours again.
+            if let Some(dir) = &ctx.pin_dir {
+                steering::unpin_addresses(dir, &sup.host().addresses());
+                warn!(
+                    "upgrade failed: the pins under {} are removed until the controller restarts",
+                    dir.display()
+                );
+            }
+            stop_successors_workers(sup, pid);
             if let Err(e) = sup.host_mut().reclaim_steering() {
                 reply
                     .message
@@ -111,6 +126,28 @@ pub async fn upgrade(
                 reply.message
             );
             Err(reply)
+        }
+    }
+}
+
+/// Stops the workers a failed successor started (they are in its record, not in ours): they
+/// would hold slots' sockets unsupervised.
+fn stop_successors_workers(sup: &mut Supervisor<RealHost>, successor: u32) {
+    let Ok(Some(record)) = GroupRecord::load(sup.host().record_dir()) else {
+        return;
+    };
+    if record.controller.pid != successor {
+        return;
+    }
+    let ours: Vec<u32> = sup.worker_pids();
+    for w in record.slots.iter().filter_map(|s| s.worker.as_ref()) {
+        if !ours.contains(&w.process.pid) && w.process.alive() {
+            warn!(
+                "upgrade failed: stopping worker pid {} that the would-be successor started",
+                w.process.pid
+            );
+            sup.host_mut()
+                .signal(w.process.pid, nix::sys::signal::Signal::SIGTERM);
         }
     }
 }

@@ -30,6 +30,7 @@ fn inherited(worker: Option<(u32, bool)>, drained: bool, restarts: u32) -> Inher
         worker,
         drained,
         restarts,
+        retiring: Vec::new(),
     }
 }
 
@@ -81,19 +82,22 @@ async fn adopted_workers_serve_on_and_a_slot_without_one_gets_a_new_worker() {
                 pid: Some(501),
                 ready: true,
                 drained: false,
-                restarts: 2
+                restarts: 2,
+                others: vec![]
             },
             SlotSnapshot {
                 pid: Some(502),
                 ready: true,
                 drained: true,
-                restarts: 0
+                restarts: 0,
+                others: vec![]
             },
             SlotSnapshot {
                 pid: Some(new),
                 ready: true,
                 drained: false,
-                restarts: 5
+                restarts: 5,
+                others: vec![]
             },
         ]
     );
@@ -152,4 +156,36 @@ async fn an_adopted_worker_that_was_not_ready_gets_the_ready_timeout() {
         .calls
         .iter()
         .any(|c| *c == Call::Announce("ready: 1 workers".into())));
+}
+
+#[tokio::test]
+async fn workers_the_dead_controller_was_replacing_are_stopped_as_it_would_have() {
+    let mut slot = inherited(Some((801, true)), false, 1);
+    slot.retiring = vec![802];
+    let slots = vec![slot];
+    let mut sup = adopted(slots.clone());
+    sup.adopt(slots).await;
+    assert!(sup
+        .host()
+        .calls
+        .contains(&Call::Watch { slot: 0, pid: 802 }));
+    assert_eq!(
+        sup.host().signals(),
+        [(802, nix::sys::signal::Signal::SIGTERM)]
+    );
+    assert_eq!(pid(&sup, 0), 801, "the slot's own worker serves on");
+    // Recorded as retiring (a successor would stop it too), SIGKILL after the grace.
+    sup.save_record();
+    assert_eq!(sup.host().record[0].others, [802]);
+    advance(&mut sup, super::GRACE).await;
+    assert_eq!(
+        sup.host().signals(),
+        [
+            (802, nix::sys::signal::Signal::SIGTERM),
+            (802, nix::sys::signal::Signal::SIGKILL)
+        ]
+    );
+    exit(&mut sup, 802, WorkerExit::Unknown("exited".into())).await;
+    assert!(sup.slots[0].retiring.is_empty());
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::Ready);
 }
