@@ -143,6 +143,13 @@ pub fn find(
         .enumerate()
         .map(|(slot, s)| {
             let w = s.worker.as_ref()?;
+            if !w.process.alive() {
+                info!(
+                    "slot {slot}: its worker pid {} is gone; the slot gets a new worker",
+                    w.process.pid
+                );
+                return None;
+            }
             match adopt(w.process.pid, &w.process, &record.listen) {
                 Ok((pidfd, sockets)) => Some(AdoptedWorker {
                     pid: w.process.pid,

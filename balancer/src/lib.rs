@@ -7,6 +7,7 @@ pub mod affinity;
 pub mod cli;
 pub mod control;
 pub mod demo_worker;
+pub mod fd_store;
 pub mod group_state;
 pub mod handover;
 pub mod metrics;

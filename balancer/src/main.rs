@@ -111,8 +111,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Started by an upgrade: the old controller waits for us on this channel. Read (and the
     // variable removed) while this process is still single-threaded.
     let predecessor = handover::Predecessor::from_env();
+    // Sockets the service manager kept for us (its descriptor store), likewise.
+    let stored = balancer::fd_store::Stored::from_env();
     let failure = predecessor.as_ref().and_then(|p| p.failure_channel());
-    let result = run_group(args, predecessor);
+    let result = run_group(args, predecessor, stored);
     // The old controller quotes why we could not take over in the failed command's reply.
     if let (Err(e), Some(failure)) = (&result, failure) {
         failure.report(&format!("{e:#}"));
@@ -120,7 +122,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-fn run_group(args: RunArgs, mut predecessor: Option<handover::Predecessor>) -> anyhow::Result<()> {
+fn run_group(
+    args: RunArgs,
+    mut predecessor: Option<handover::Predecessor>,
+    stored: balancer::fd_store::Stored,
+) -> anyhow::Result<()> {
     let started_from = std::env::current_exe().context("finding this binary's path")?;
     let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     steering::check_object()?;
@@ -170,6 +176,7 @@ fn run_group(args: RunArgs, mut predecessor: Option<handover::Predecessor>) -> a
         (policy, args.spill_depth),
         args.backlog,
         handing_over.clone(),
+        stored,
     )?;
     let slots = prepared.slots;
     let (policy, spill_depth, weights) = prepared.steer.clone();

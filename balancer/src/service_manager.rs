@@ -19,6 +19,8 @@ use crate::handover::Predecessor;
 /// handing over to us, which waits for our READY=1 too.
 pub struct ServiceManager {
     target: Option<(UnixDatagram, SocketAddr)>,
+    /// The same address for sendmsg (the fd store passes descriptors with SCM_RIGHTS).
+    raw: Option<nix::sys::socket::UnixAddr>,
     watchdog: Option<Duration>,
     predecessor: Option<Predecessor>,
 }
@@ -45,6 +47,7 @@ impl ServiceManager {
     pub fn none() -> Self {
         Self {
             target: None,
+            raw: None,
             watchdog: None,
             predecessor: None,
         }
@@ -85,8 +88,14 @@ impl ServiceManager {
             },
             _ => None,
         };
+        let raw = match value.strip_prefix('@') {
+            Some(name) => nix::sys::socket::UnixAddr::new_abstract(name.as_bytes()),
+            None => nix::sys::socket::UnixAddr::new(value.as_str()),
+        }
+        .ok();
         Ok(Self {
             target: Some((socket, addr)),
+            raw,
             watchdog,
             predecessor: None,
         })
@@ -96,6 +105,39 @@ impl ServiceManager {
     pub fn with_predecessor(mut self, predecessor: Predecessor) -> Self {
         self.predecessor = Some(predecessor);
         self
+    }
+
+    /// Keeps `fd` in the manager's file descriptor store under `name` (`FDSTORE=1`), replacing
+    /// whatever it kept under that name: systemd hands the store back to the next controller
+    /// as `LISTEN_FDS`, so a slot's socket and its queue outlive a worker that dies while no
+    /// controller runs.
+    pub fn store_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        use std::os::fd::AsRawFd;
+        if self.target.is_none() || self.raw.is_none() {
+            return;
+        }
+        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+        let (Some((socket, _)), Some(addr)) = (&self.target, &self.raw) else {
+            return;
+        };
+        let text = format!("FDSTORE=1\nFDNAME={name}");
+        let iov = [io::IoSlice::new(text.as_bytes())];
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        if let Err(e) = nix::sys::socket::sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            Some(addr),
+        ) {
+            warn!("storing {name} with the service manager: {e}");
+        }
+    }
+
+    /// Takes `name` out of the manager's file descriptor store (`FDSTOREREMOVE=1`).
+    pub fn remove_fd(&mut self, name: &str) {
+        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
     }
 
     /// Whether we are taking over from an old controller that still waits for our READY=1.
@@ -155,6 +197,7 @@ mod tests {
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_pathname(&path).unwrap(),
             )),
+            raw: None,
             watchdog: Some(Duration::from_secs(2)),
             predecessor: None,
         };

@@ -12,6 +12,7 @@ use log::{info, warn};
 
 use crate::{
     adoption::{self, Found},
+    fd_store::Stored,
     group_state::{self, STATE_ROOT},
     handover::Handed,
     pidfd,
@@ -62,6 +63,7 @@ pub fn prepare(
     steer: (PolicyKind, u32),
     backlog: u32,
     handed: Option<Handed>,
+    mut stored: Stored,
 ) -> anyhow::Result<Prepared> {
     // A handover names the group; the record then says where it listens (our own --listen
     // may say port 0, which names no group).
@@ -92,6 +94,34 @@ pub fn prepare(
         mut others,
     } = found
     else {
+        // No worker left to adopt, but the service manager kept the sockets (and what is
+        // queued on them): the group goes on on them, with new workers.
+        let kept = stored.slots(listen);
+        if kept > 0 && asked.is_some() {
+            let sockets = (0..kept).map(|i| stored.take_slot(i, listen)).collect();
+            let group = SocketGroup::adopt(listen, sockets, backlog)?;
+            let name = asked.unwrap_or_default();
+            info!("group {name}: {kept} slot(s) on the sockets the service manager kept");
+            return Ok(Prepared {
+                record_dir: group_state::record_dir(root, &name),
+                name,
+                group,
+                slots: kept,
+                steer: (steer.0, steer.1, None),
+                inherited: Some(
+                    (0..kept)
+                        .map(|_| InheritedSlot {
+                            worker: None,
+                            drained: false,
+                            restarts: 0,
+                            retiring: Vec::new(),
+                        })
+                        .collect(),
+                ),
+                adopted_pidfds: Vec::new(),
+                adopted_from: None,
+            });
+        }
         let group = SocketGroup::bind(listen, slots, backlog)?;
         let bound: Vec<SocketAddr> = group.addresses.iter().map(|a| a.addr).collect();
         let name = asked.unwrap_or_else(|| group_state::derive_name(&bound));
@@ -132,7 +162,12 @@ pub fn prepare(
                 sockets.push(Some(w.sockets));
                 pidfds.push((w.pid, w.pidfd));
             }
-            None => sockets.push(from_predecessor.remove(&(i as u32))),
+            // Else the socket the service manager kept (with its queue), else a new one.
+            None => sockets.push(
+                from_predecessor
+                    .remove(&(i as u32))
+                    .or_else(|| stored.take_slot(i as u32, &record.listen)),
+            ),
         }
     }
     let group = SocketGroup::adopt(&record.listen, sockets, backlog).with_context(|| {

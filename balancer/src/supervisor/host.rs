@@ -166,6 +166,13 @@ pub trait Host {
     /// [`Event::Exited`] with `generation`, like a child's.
     fn watch_adopted(&mut self, slot: u32, generation: Generation, pid: u32);
 
+    /// Keeps the sockets of `slots` in the service manager's descriptor store (if it has one),
+    /// so that they survive a controller restart with what is queued on them.
+    fn store_sockets(&mut self, slots: std::ops::Range<u32>);
+
+    /// Takes the sockets of `slots` out of that store (they are about to close).
+    fn unstore_sockets(&mut self, slots: std::ops::Range<u32>);
+
     /// Records the group for a successor controller (written only when it changed).
     fn save_record(&mut self, slots: &[SlotSnapshot], steer: &Steer);
 

@@ -63,6 +63,7 @@ impl<H: Host> Supervisor<H> {
 
     /// Starts every slot's worker.
     pub fn start(&mut self) {
+        self.host.store_sockets(0..self.slot_count());
         for slot in 0..self.slot_count() {
             self.spawn_current(slot);
         }
@@ -180,6 +181,7 @@ impl<H: Host> Supervisor<H> {
     /// Takes over the slots a dead controller left: their adopted workers are watched and
     /// serve on (ready ones in the tables at once), the others get a new worker.
     pub async fn adopt(&mut self, inherited: Vec<InheritedSlot>) {
+        self.host.store_sockets(0..self.slot_count());
         let mut inherited = inherited.into_iter();
         for slot in 0..self.slot_count() {
             let s = inherited.next().unwrap_or(InheritedSlot {

@@ -268,6 +268,7 @@ impl<H: Host> Supervisor<H> {
     /// The group already grew to `target` sockets: new slots, their workers, the reply once
     /// they are ready.
     async fn scale_up(&mut self, n: u32, target: u32, note: String, reply: Responder) {
+        self.host.store_sockets(n..target);
         self.slots.extend((n..target).map(|_| Slot::default()));
         let note = match self.repin_workers(n, target).await {
             Some(problem) => format!("{note}; warning: {problem}"),
@@ -403,6 +404,7 @@ impl<H: Host> Supervisor<H> {
         }
         let before = self.migrated_total();
         let n = self.slot_count();
+        self.host.unstore_sockets(target..n);
         self.host.shrink(target);
         self.slots.truncate(target as usize);
         self.publish().await;

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     activation::{self, WorkerLaunch},
-    affinity,
+    affinity, fd_store,
     group_state::{self, GroupRecord, ProcessId, SlotRecord, WorkerRecord, RECORD_VERSION},
     handover::SocketFd,
     policy::CpuLayout,
@@ -289,6 +289,25 @@ impl Host for RealHost {
                 ),
             });
         });
+    }
+
+    fn store_sockets(&mut self, slots: std::ops::Range<u32>) {
+        use std::os::fd::AsFd;
+        for (j, a) in self.group.addresses.iter().enumerate() {
+            for slot in slots.clone() {
+                if let Some(s) = a.sockets.get(slot as usize) {
+                    self.manager.store_fd(&fd_store::name(slot, j), s.as_fd());
+                }
+            }
+        }
+    }
+
+    fn unstore_sockets(&mut self, slots: std::ops::Range<u32>) {
+        for j in 0..self.group.addresses.len() {
+            for slot in slots.clone() {
+                self.manager.remove_fd(&fd_store::name(slot, j));
+            }
+        }
     }
 
     fn save_record(&mut self, slots: &[SlotSnapshot], steer: &Steer) {

@@ -86,6 +86,8 @@ pub struct FakeHost {
     pub migrated: u64,
     /// Whether growing the group fails (no more sockets).
     pub fail_grow: bool,
+    /// The slots whose sockets are in the service manager's descriptor store.
+    pub stored: std::collections::BTreeSet<u32>,
     /// The last record saved for a successor.
     pub record: Vec<SlotSnapshot>,
     /// What the service manager was told, in order (kept apart from `calls`, which are the
@@ -110,6 +112,7 @@ impl FakeHost {
             migrate_on_shrink: 0,
             manager: Vec::new(),
             record: Vec::new(),
+            stored: Default::default(),
             fail_grow: false,
             next_pid: 1000,
         }
@@ -193,6 +196,22 @@ impl Host for FakeHost {
         self.calls.push(Call::Watch { slot, pid });
     }
 
+    fn store_sockets(&mut self, slots: std::ops::Range<u32>) {
+        for slot in slots {
+            assert!(
+                slot < self.group_slots,
+                "storing slot {slot}, which has no socket"
+            );
+            self.stored.insert(slot);
+        }
+    }
+
+    fn unstore_sockets(&mut self, slots: std::ops::Range<u32>) {
+        for slot in slots {
+            self.stored.remove(&slot);
+        }
+    }
+
     fn save_record(&mut self, slots: &[SlotSnapshot], _steer: &Steer) {
         self.record = slots.to_vec();
     }
@@ -244,6 +263,11 @@ impl Host for FakeHost {
     }
 
     fn shrink(&mut self, to: u32) {
+        assert!(
+            self.stored.iter().all(|s| *s < to),
+            "closing sockets still in the descriptor store: {:?}",
+            self.stored
+        );
         self.calls.push(Call::Shrink { to });
         self.group_slots = to;
         self.depths.truncate(to as usize);

@@ -99,6 +99,11 @@ async fn sighup_during_a_scale_is_ignored_and_a_second_request_gets_busy() {
 #[tokio::test]
 async fn scale_down_publishes_then_stops_then_shrinks_after_the_last_exit() {
     let mut sup = ready(4).await;
+    assert_eq!(
+        sup.host().stored.iter().copied().collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "every socket is in the service manager's store"
+    );
     let (p2, p3) = (pid(&sup, 2), pid(&sup, 3));
     sup.host_mut().migrated = 7;
     sup.host_mut().migrate_on_shrink = 5;
@@ -158,6 +163,10 @@ async fn scale_down_publishes_then_stops_then_shrinks_after_the_last_exit() {
     }
     assert_eq!(sup.slots.len(), 2);
     assert!(sup.op.is_none());
+    assert_eq!(
+        sup.host().stored.iter().copied().collect::<Vec<_>>(),
+        [0, 1]
+    );
 }
 
 #[tokio::test]
@@ -333,6 +342,10 @@ async fn a_scale_up_that_cannot_grow_the_group_changes_nothing_and_keeps_the_wei
         matches!(answered(&mut rx), Ok(Reply::Done { message }) if message.contains("hash weights reset"))
     );
     assert_eq!(sup.steer.weights, None);
+    assert_eq!(
+        sup.host().stored.iter().copied().collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
 }
 
 #[tokio::test]
