@@ -11,8 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use balancer_common::PROGRAM_SELECT;
 use balancer_tests::{
-    alive, get, open_loop, run_to_end, tagged_pids, wait_gone, Balancer, Fate, SlotState,
+    alive, get, open_loop, pinned_dir, run_to_end, tagged_pids, wait_gone, Balancer, BpfFs, Fate,
+    SlotState,
 };
 
 /// Connections whose first byte took longer than this count as slow.
@@ -235,8 +237,22 @@ fn a_worker_that_dies_while_no_controller_runs_gets_a_successor_after_adoption()
 
 #[test]
 fn a_group_whose_workers_are_all_gone_starts_anew() {
-    let b = Balancer::start(&["--workers", "2"]);
+    let bpffs = BpfFs::mount();
+    let dir = bpffs.path().to_str().expect("utf-8 path").to_owned();
+    let b = Balancer::start(&["--workers", "2", "--bpffs-dir", &dir]);
     let tag = b.tag().to_owned();
+    let pins = pinned_dir(bpffs.path(), b.addrs[0]);
+    let program_id = |pins: &std::path::Path| {
+        aya::programs::SkReuseport::from_pin(
+            pins.join(PROGRAM_SELECT),
+            aya::programs::SkReuseportAttachType::SelectOrMigrate,
+        )
+        .expect("the program is pinned")
+        .info()
+        .expect("program info")
+        .id()
+    };
+    let stale = program_id(&pins);
     let before = worker_pids(&b);
     let crashed = b.crash();
     for pid in &before {
@@ -244,17 +260,22 @@ fn a_group_whose_workers_are_all_gone_starts_anew() {
         unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         assert!(wait_gone(*pid, Duration::from_secs(5)));
     }
+    // The dead controller's pins are still there...
+    assert_eq!(program_id(&pins), stale);
     let mut b = crashed.restart();
     assert!(
         !b.stdout_lines().iter().any(|l| l.starts_with("adopted")),
         "{:?}",
         b.stdout_lines()
     );
+    // ... until the new controller replaced them with its own.
+    assert_ne!(program_id(&pins), stale, "stale pins were kept");
     let after = worker_pids(&b);
     assert!(after.iter().all(|p| !before.contains(p)));
     assert!(get(b.addrs[0]).is_ok());
     let (exit, _) = b.stop();
     assert!(exit.success());
+    assert!(!pins.exists(), "pins left after a clean stop");
     assert!(tagged_pids(&tag).is_empty(), "{:?}", tagged_pids(&tag));
 }
 
