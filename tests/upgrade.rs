@@ -5,7 +5,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_tests::{alive, get, open_loop, unique_path, wait_gone, Balancer, ErrorKind, Fate};
+use balancer_tests::{
+    alive, get, open_loop, run_to_end, unique_path, wait_gone, Balancer, ErrorKind, Fate,
+};
 
 #[test]
 fn an_upgrade_under_load_keeps_every_worker_and_loses_nothing() {
@@ -23,6 +25,28 @@ fn an_upgrade_under_load_keeps_every_worker_and_loses_nothing() {
     thread::sleep(Duration::from_millis(700));
     let steered_before: u64 = b.status().slots.iter().map(|s| s.steered).sum();
     assert!(steered_before > 0);
+    // Status requests all through the handover: each is answered, by one controller or the
+    // other.
+    let control = b.control.to_str().expect("utf-8 path").to_owned();
+    let stop_polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let stop = stop_polling.clone();
+        thread::spawn(move || {
+            let mut answers = Vec::new();
+            for _ in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let f = run_to_end(&["status", "--json", "--control", &control], |_| {});
+                answers.push(
+                    serde_json::from_str::<balancer_tests::StatusReport>(&f.stdout)
+                        .map(|s| s.pid)
+                        .map_err(|e| format!("{}: {e}; {}", f.status, f.stderr)),
+                );
+            }
+            answers
+        })
+    };
     let started = Instant::now();
     let f = b.cli(&["upgrade", "--binary", next.to_str().expect("utf-8 path")]);
     let took = started.elapsed();
@@ -40,6 +64,18 @@ fn an_upgrade_under_load_keeps_every_worker_and_loses_nothing() {
         .unwrap_or_else(|| panic!("no new pid in {reply:?}"));
     assert_ne!(new, old);
     let fates = open.join().expect("open-loop client");
+    stop_polling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let polled = poller.join().expect("status poller");
+    let failed: Vec<_> = polled.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "status requests lost in the handover: {failed:?}"
+    );
+    let by: std::collections::HashSet<u32> = polled.iter().filter_map(|r| r.clone().ok()).collect();
+    assert!(
+        by.contains(&new),
+        "no status answered by the new controller: {by:?}"
+    );
     let slow = fates
         .iter()
         .filter(|f| !matches!(f, Fate::Answered(t) if *t <= Duration::from_secs(1)))
