@@ -348,3 +348,34 @@ fn a_reused_pid_is_never_adopted_or_signalled() {
     let _ = impostor.wait();
     assert!(untouched, "the process on the reused pid was signalled");
 }
+
+/// A worker adopted before it was ready still reports READY=1 to the controller that adopted
+/// it: the notify socket's path belongs to the group, not to one controller.
+#[test]
+fn an_adopted_worker_that_was_still_starting_reports_ready_to_its_new_controller() {
+    let bin = balancer_tests::balancer_bin();
+    let script = format!("sleep 2; exec {} demo-worker", bin.display());
+    // Ready only by READY=1: the timeout is far beyond what this test waits.
+    let b = Balancer::start_unready(&[
+        "--workers",
+        "1",
+        "--ready-timeout",
+        "60s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut b = b.crash().restart_unready();
+    let started = Instant::now();
+    let ready = b.wait_line(|l| l.starts_with("ready:"), Duration::from_secs(20));
+    assert!(
+        ready.is_some(),
+        "the adopted worker's READY=1 never reached the new controller: {}",
+        b.stderr()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(b.status().slots[0].state, SlotState::Ready);
+    let (exit, _) = b.stop();
+    assert!(exit.success());
+}

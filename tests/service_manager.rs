@@ -82,7 +82,7 @@ fn the_manager_hears_ready_status_watchdog_and_stopping() {
     for w in &workers {
         let env = std::fs::read(format!("/proc/{w}/environ")).unwrap();
         let env = String::from_utf8_lossy(&env);
-        assert!(env.contains("NOTIFY_SOCKET=@balancer/"), "{env}");
+        assert!(env.contains("NOTIFY_SOCKET=/run/balancer/"), "{env}");
         assert!(!env.contains("WATCHDOG_USEC"), "{env}");
     }
     // SIGTERM: STOPPING=1, then an orderly exit.

@@ -232,10 +232,12 @@ impl GroupRecord {
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
-    /// Removes the record (a deliberate shutdown leaves nothing to adopt).
+    /// Removes the record and the group's directory (a deliberate shutdown leaves nothing
+    /// to adopt; its workers, which the notify socket there served, are gone).
     pub fn remove(dir: &Path) {
         let _ = fs::remove_file(dir.join("state.json"));
         let _ = fs::remove_file(dir.join("state.json.tmp"));
+        let _ = fs::remove_file(dir.join("notify"));
         let _ = fs::remove_dir(dir);
     }
 }

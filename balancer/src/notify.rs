@@ -1,14 +1,11 @@
 //! The `NOTIFY_SOCKET` the workers report readiness to (sd_notify's `READY=1`).
 //!
-//! One abstract datagram socket per controller; the kernel attaches each sender's pid
-//! (`SO_PASSCRED`), which is how a message is tied to a slot.
+//! One datagram socket per group, at a path in the group's directory that every controller of
+//! the group binds in turn; the kernel attaches each sender's pid (`SO_PASSCRED`), which is
+//! how a message is tied to a slot (and why a message from any other process is ignored).
 use std::{
     io,
-    os::{
-        fd::AsRawFd,
-        linux::net::SocketAddrExt,
-        unix::net::{SocketAddr, UnixDatagram},
-    },
+    os::{fd::AsRawFd, unix::net::UnixDatagram},
 };
 
 use nix::sys::socket::{
@@ -39,16 +36,22 @@ pub struct NotifySocket {
 }
 
 impl NotifySocket {
-    /// Binds `@balancer/<pid>/notify` in the abstract namespace (nothing to clean up).
-    pub fn bind() -> io::Result<Self> {
-        let name = format!("balancer/{}/notify", std::process::id());
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let socket = UnixDatagram::bind_addr(&addr)?;
+    /// Binds `DIR/notify` — in the group's directory, so that the path outlives this
+    /// controller: a worker it leaves running reaches whichever controller adopts it. The new
+    /// socket is put at the path by a rename, over a dead controller's (or, in an upgrade,
+    /// the old controller's) socket.
+    pub fn bind_in(dir: &std::path::Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("notify");
+        let tmp = dir.join(format!("notify.{}.new", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let socket = UnixDatagram::bind(&tmp)?;
+        std::fs::rename(&tmp, &path)?;
         setsockopt(&socket, PassCred, &true).map_err(io::Error::from)?;
         socket.set_nonblocking(true)?;
         Ok(Self {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
-            name: format!("@{name}"),
+            name: path.to_string_lossy().into_owned(),
         })
     }
 
@@ -93,12 +96,16 @@ mod tests {
 
     #[tokio::test]
     async fn ready_message_arrives_with_the_sender_pid() {
-        let n = NotifySocket::bind().unwrap();
-        let addr = SocketAddr::from_abstract_name(&n.env_value().as_bytes()[1..]).unwrap();
+        let dir = std::env::temp_dir().join(format!("balancer-notify-{}", std::process::id()));
+        let n = NotifySocket::bind_in(&dir).unwrap();
+        // A successor binds the same path: it takes the path over.
+        let successor = NotifySocket::bind_in(&dir).unwrap();
+        assert_eq!(successor.env_value(), n.env_value());
         let tx = UnixDatagram::unbound().unwrap();
-        tx.send_to_addr(b"STATUS=starting\nREADY=1\n", &addr)
+        tx.send_to(b"STATUS=starting\nREADY=1\n", successor.env_value())
             .unwrap();
-        let msg = n.recv().await.unwrap();
+        let msg = successor.recv().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(msg.pid, Some(std::process::id() as i32));
         assert!(msg.is_ready());
     }

@@ -53,9 +53,14 @@ pub async fn run(
     manager: ServiceManager,
     mut upgrades: UpgradeContext,
 ) -> anyhow::Result<Exit> {
-    let notify = NotifySocket::bind().context("creating the NOTIFY_SOCKET for workers")?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let (start, settings, steer) = config.split();
+    let notify = NotifySocket::bind_in(&start.record_dir).with_context(|| {
+        format!(
+            "creating the NOTIFY_SOCKET for workers in {}",
+            start.record_dir.display()
+        )
+    })?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
     // Workers outlive us, but while we run we reap what they leave: a worker's orphaned
     // children are reparented to us, not to init.
     // SAFETY: prctl with an integer argument.
