@@ -164,7 +164,16 @@ fn a_failed_upgrade_leaves_the_old_controller_in_charge() {
 /// sockets back and steers again, and the reply quotes the successor's reason.
 #[test]
 fn an_upgrade_that_fails_after_the_handover_began_is_rolled_back() {
-    let mut b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    // Ready only by READY=1 (the timeout is far beyond the test): a restart after the
+    // rollback shows that the workers' notify socket is the old controller's again.
+    let mut b = Balancer::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+        "--ready-timeout",
+        "60s",
+    ]);
     let addr = b.addrs[0];
     let before: Vec<u32> = b.status().slots.iter().filter_map(|s| s.pid).collect();
     let wrapper = unique_path("balancer-broken");
@@ -218,9 +227,13 @@ fn an_upgrade_that_fails_after_the_handover_began_is_rolled_back() {
         "the program selects the old controller's sockets again"
     );
     assert_eq!(errors(&b), e0);
+    let f = b.cli(&["workers", "restart"]);
+    assert!(f.status.success(), "{}", f.stderr);
+    let restarted: Vec<u32> = b.status().slots.iter().filter_map(|s| s.pid).collect();
+    assert!(restarted.iter().all(|p| !before.contains(p)));
     let (exit, _) = b.stop();
     assert!(exit.success());
-    for p in before {
+    for p in before.into_iter().chain(restarted) {
         assert!(wait_gone(p, Duration::from_secs(10)));
     }
 }

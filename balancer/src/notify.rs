@@ -33,6 +33,7 @@ impl Notification {
 pub struct NotifySocket {
     socket: tokio::net::UnixDatagram,
     name: String,
+    dir: std::path::PathBuf,
 }
 
 impl NotifySocket {
@@ -52,7 +53,15 @@ impl NotifySocket {
         Ok(Self {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
             name: path.to_string_lossy().into_owned(),
+            dir: dir.to_path_buf(),
         })
+    }
+
+    /// Puts a new socket of ours at the path again (an upgrade that failed after the would-be
+    /// successor had taken it).
+    pub fn rebind(&mut self) -> io::Result<()> {
+        *self = Self::bind_in(&self.dir)?;
+        Ok(())
     }
 
     /// The value of `NOTIFY_SOCKET` for workers.

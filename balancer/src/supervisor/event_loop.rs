@@ -54,7 +54,7 @@ pub async fn run(
     mut upgrades: UpgradeContext,
 ) -> anyhow::Result<Exit> {
     let (start, settings, steer) = config.split();
-    let notify = NotifySocket::bind_in(&start.record_dir).with_context(|| {
+    let mut notify = NotifySocket::bind_in(&start.record_dir).with_context(|| {
         format!(
             "creating the NOTIFY_SOCKET for workers in {}",
             start.record_dir.display()
@@ -114,7 +114,7 @@ pub async fn run(
             },
             Some((request, reply)) = commands.recv() => {
                 if let Request::Upgrade { binary } = request {
-                    match upgrade(&mut sup, &mut upgrades, binary, &mut watchdog).await {
+                    match upgrade(&mut sup, &mut upgrades, binary, &mut watchdog, &mut notify).await {
                         Ok((message, successor)) => {
                             let _ = reply.send(Ok(Reply::Done { message }));
                             forward_pending(&mut commands, &upgrades).await;
@@ -136,7 +136,7 @@ pub async fn run(
             }
             _ = usr2.recv() => {
                 info!("SIGUSR2: upgrading");
-                match upgrade(&mut sup, &mut upgrades, None, &mut watchdog).await {
+                match upgrade(&mut sup, &mut upgrades, None, &mut watchdog, &mut notify).await {
                     Ok((_, successor)) => {
                         forward_pending(&mut commands, &upgrades).await;
                         forward_stop(&mut term, &mut int, successor).await;

@@ -16,6 +16,7 @@ use crate::{
     },
     group_state::GroupRecord,
     handover::{Successor, VERSION},
+    notify::NotifySocket,
     steering,
 };
 
@@ -44,6 +45,7 @@ pub async fn upgrade(
     ctx: &mut UpgradeContext,
     binary: Option<PathBuf>,
     watchdog: &mut Option<tokio::time::Interval>,
+    notify: &mut NotifySocket,
 ) -> Result<(String, u32), ErrorReply> {
     if let Some(busy) = sup.busy() {
         return Err(busy);
@@ -113,6 +115,11 @@ pub async fn upgrade(
                 reply
                     .message
                     .push_str(&format!("; taking the sockets back failed: {e}"));
+            }
+            if let Err(e) = notify.rebind() {
+                reply.message.push_str(&format!(
+                    "; taking the workers' notify socket back failed: {e}"
+                ));
             }
             if let Err(e) = ctx.control.reclaim() {
                 reply
