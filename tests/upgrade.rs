@@ -237,3 +237,39 @@ fn an_upgrade_that_fails_after_the_handover_began_is_rolled_back() {
         assert!(wait_gone(p, Duration::from_secs(10)));
     }
 }
+
+/// SIGUSR2 upgrades too, to the binary at the path the controller was started from.
+#[test]
+fn sigusr2_upgrades_to_the_binary_the_controller_was_started_from() {
+    let mut b = Balancer::start(&["--workers", "1"]);
+    let old = b.pid();
+    let worker = b.status().slots[0].pid.expect("a worker");
+    b.signal(libc::SIGUSR2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let f = run_to_end(
+            &[
+                "status",
+                "--json",
+                "--control",
+                b.control.to_str().expect("utf-8"),
+            ],
+            |_| {},
+        );
+        if let Ok(s) = serde_json::from_str::<balancer_tests::StatusReport>(&f.stdout) {
+            if s.pid != old {
+                assert_eq!(s.slots[0].pid, Some(worker), "the worker was kept");
+                break s.pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "SIGUSR2 did not upgrade");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let (exit, _, _) = b.wait_exit();
+    assert!(exit.success(), "{exit}");
+    assert!(alive(worker));
+    // SAFETY: SIGTERM to the controller this test started (through the upgrade).
+    assert_eq!(unsafe { libc::kill(new as i32, libc::SIGTERM) }, 0);
+    assert!(wait_gone(new, Duration::from_secs(20)));
+    assert!(wait_gone(worker, Duration::from_secs(10)));
+}
