@@ -86,6 +86,16 @@ fn worker_pids(b: &Balancer) -> Vec<u32> {
         .collect()
 }
 
+/// SIGKILLs a worker of this test and waits until it is gone.
+fn kill_worker(pid: u32) {
+    // SAFETY: kill(2) on a worker of this test.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(
+        wait_gone(pid, Duration::from_secs(5)),
+        "worker {pid} survived SIGKILL"
+    );
+}
+
 fn steered(b: &Balancer) -> u64 {
     b.status().slots.iter().map(|s| s.steered).sum()
 }
@@ -211,9 +221,7 @@ fn a_worker_that_dies_while_no_controller_runs_gets_a_successor_after_adoption()
     let addr = b.addrs[0];
     let before = worker_pids(&b);
     let crashed = b.crash();
-    // SAFETY: kill(2) on a worker of this test.
-    assert_eq!(unsafe { libc::kill(before[1] as i32, libc::SIGKILL) }, 0);
-    assert!(wait_gone(before[1], Duration::from_secs(5)));
+    kill_worker(before[1]);
     // The other slot serves everything meanwhile (the program's selections of the dead
     // slot fail over to a live one).
     for _ in 0..100 {
@@ -256,9 +264,7 @@ fn a_group_whose_workers_are_all_gone_starts_anew() {
     let before = worker_pids(&b);
     let crashed = b.crash();
     for pid in &before {
-        // SAFETY: kill(2) on a worker of this test.
-        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-        assert!(wait_gone(*pid, Duration::from_secs(5)));
+        kill_worker(*pid);
     }
     // The dead controller's pins are still there...
     assert_eq!(program_id(&pins), stale);
@@ -314,9 +320,7 @@ fn a_reused_pid_is_never_adopted_or_signalled() {
     let crashed = b.crash();
     // Slot 0's worker dies and its pid is "reused": the record is made to name another
     // process (a test child) under the dead worker's start time.
-    // SAFETY: kill(2) on a worker of this test.
-    assert_eq!(unsafe { libc::kill(before[0] as i32, libc::SIGKILL) }, 0);
-    assert!(wait_gone(before[0], Duration::from_secs(5)));
+    kill_worker(before[0]);
     let mut impostor = std::process::Command::new("sleep")
         .arg("60")
         .spawn()

@@ -266,25 +266,25 @@ fn policy_switches(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result
 }
 
 /// Closed-loop load while the controller is killed with SIGKILL and started again (it adopts
-/// the running workers) once a second.
+/// the running workers) every 700 ms.
 fn controller_restarts(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<Scenario> {
-    let mut server = Server::start(arm, ctx, false)?;
-    let addr = server.addr;
-    let (cpus_owned, load) = (cpus.to_vec(), plan.kill_load);
-    let client = thread::spawn(move || closed_loop(addr, &cpus_owned, load));
-    let end = Instant::now() + plan.kill_load;
-    let every = Duration::from_millis(700);
-    thread::sleep(every / 2);
-    while Instant::now() + every < end {
-        server.restart_controller()?;
-        thread::sleep(every);
-    }
-    finish_closed_loop(client, server)
+    controller_events(arm, ctx, cpus, plan, Server::restart_controller)
 }
 
 /// Closed-loop load while the controller is upgraded (a new process takes the group over)
 /// every 700 ms.
 fn controller_upgrades(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Result<Scenario> {
+    controller_events(arm, ctx, cpus, plan, Server::upgrade_controller)
+}
+
+/// Closed-loop load while `event` happens to the controller every 700 ms.
+fn controller_events(
+    arm: Arm,
+    ctx: &Context,
+    cpus: &[u32],
+    plan: &Plan,
+    event: fn(&mut Server) -> Result<()>,
+) -> Result<Scenario> {
     let mut server = Server::start(arm, ctx, false)?;
     let addr = server.addr;
     let (cpus_owned, load) = (cpus.to_vec(), plan.kill_load);
@@ -293,7 +293,7 @@ fn controller_upgrades(arm: Arm, ctx: &Context, cpus: &[u32], plan: &Plan) -> Re
     let every = Duration::from_millis(700);
     thread::sleep(every / 2);
     while Instant::now() + every < end {
-        server.upgrade_controller()?;
+        event(&mut server)?;
         thread::sleep(every);
     }
     finish_closed_loop(client, server)
