@@ -79,6 +79,12 @@ fn bad_flags_are_rejected_with_the_accepted_values() {
             vec!["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
             vec!["given twice"],
         ),
+        // An absurd duration would overflow the clock when added to it.
+        (vec!["--grace", "1000000000y"], vec!["longer than a day"]),
+        (
+            vec!["--stall-timeout", "1ms", "--sample-interval", "1ms"],
+            vec!["--stall-timeout 1ms", "--sample-interval 1ms"],
+        ),
     ] {
         let mut all = vec!["run"];
         all.extend(&args);
@@ -124,4 +130,43 @@ fn a_missing_or_unexecutable_worker_command_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     assert_refused(&f, &["not executable", "chmod +x"]);
+}
+
+#[test]
+fn too_few_file_descriptors_for_the_sockets_are_refused() {
+    let f = run_to_end(
+        &[
+            "run",
+            "--workers",
+            "128",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.2:0",
+        ],
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit between fork and exec is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let lim = libc::rlimit {
+                        rlim_cur: 100,
+                        rlim_max: 100,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    assert_refused(
+        &f,
+        &[
+            "320 file descriptors",
+            "RLIMIT_NOFILE allows 100",
+            "ulimit -n",
+        ],
+    );
 }

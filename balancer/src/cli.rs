@@ -309,9 +309,18 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The longest duration any flag takes: longer ones are typos, and would overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e}; write a duration such as 500ms, 2s or 1m"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration such as 500ms, 2s or 1m"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{s} is longer than a day: give a duration such as 500ms, 2s or 1m"
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -347,6 +356,8 @@ mod tests {
             (vec!["--policy", "random"], "possible values"),
             (vec!["--listen", "localhost"], "invalid socket address"),
             (vec!["--ready-timeout", "soon"], "such as 500ms"),
+            (vec!["--grace", "1000000000y"], "longer than a day"),
+            (vec!["--kill-stalled", "30d"], "longer than a day"),
             (vec!["--name", "a.b"], "letters, digits"),
             (vec!["--name", ""], "letters, digits"),
         ] {

@@ -133,6 +133,16 @@ fn run_group(
     if args.kill_stalled.is_some() && args.stall_timeout.is_zero() {
         anyhow::bail!("--kill-stalled acts on stalled slots, but --stall-timeout 0 turns stall detection off: give --stall-timeout a duration");
     }
+    if !args.stall_timeout.is_zero() && args.stall_timeout < args.sample_interval * 2 {
+        anyhow::bail!(
+            "--stall-timeout {} is shorter than two samples (--sample-interval {}): a stall needs a queue seen not shrinking between samples; raise --stall-timeout or lower --sample-interval",
+            humantime::format_duration(args.stall_timeout),
+            humantime::format_duration(args.sample_interval)
+        );
+    }
+    if args.grace.is_zero() {
+        warn!("--grace 0: a replaced or stopped worker is killed at once, cutting the requests it is serving; give it time to finish (the default is 5s)");
+    }
     privileges::check()?;
     // A bad NOTIFY_SOCKET or WATCHDOG_USEC is the manager's configuration error: say so
     // before anything is bound.
@@ -169,6 +179,7 @@ fn run_group(
         warn!("{warning}");
     }
 
+    startup::check_fd_limit(slots, args.listen.len())?;
     let prepared = startup::prepare(
         &args.listen,
         args.name.clone(),

@@ -231,14 +231,24 @@ pub type CpuRows = Vec<(u32, Vec<u32>)>;
 pub type BucketCounts = Vec<(u32, u32)>;
 
 /// The tables as people read them: for each online CPU the slots of its row, and for each
-/// slot its number of hash buckets.
+/// slot its number of hash buckets. A CPU beyond the table (id ≥ `MAX_CPUS`) is steered by
+/// the hash table even under the cpu policy: its row lists the slots of the hash buckets.
 pub fn describe(layout: &CpuLayout, slots: u32, tables: &Tables) -> (CpuRows, BucketCounts) {
+    let by_hash = || {
+        let mut all: Vec<u32> = tables.buckets.to_vec();
+        all.sort_unstable();
+        all.dedup();
+        all
+    };
     let cpu = layout
         .online()
         .iter()
         .map(|&c| {
-            let base = (c * CPU_FANOUT) as usize;
-            let mut row: Vec<u32> = tables.cpu[base..base + CPU_FANOUT as usize].to_vec();
+            let base = (c as usize).saturating_mul(CPU_FANOUT as usize);
+            let mut row: Vec<u32> = match tables.cpu.get(base..base + CPU_FANOUT as usize) {
+                Some(row) => row.to_vec(),
+                None => by_hash(),
+            };
             row.sort_unstable();
             row.dedup();
             (c, row)
@@ -371,5 +381,14 @@ mod tests {
             "second online CPU owns slot 1"
         );
         assert_eq!(layout.pinned_cpus(1, 2), vec![4]);
+    }
+
+    #[test]
+    fn cpus_beyond_the_table_are_described_as_hash_steered() {
+        let layout = CpuLayout::parse("0,600").expect("layout");
+        let t = build_tables(&layout, 2, &[true; 2], None);
+        let (rows, _) = describe(&layout, 2, &t);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1], (600, vec![0, 1]));
     }
 }

@@ -89,7 +89,9 @@ impl StallWatch {
                     Some((start, _)) if now.duration_since(start) >= cfg.timeout => {
                         self.hold = match self.last_rejoin {
                             Some(t) if now.duration_since(t) < cfg.timeout * 10 => {
-                                (self.hold * 2).clamp(cfg.timeout, MAX_HOLD)
+                                // Never below the stall timeout, even when that is over
+                                // MAX_HOLD (clamp would panic with min > max).
+                                self.hold.saturating_mul(2).min(MAX_HOLD).max(cfg.timeout)
                             }
                             _ => cfg.timeout,
                         };
@@ -330,5 +332,39 @@ mod tests {
         assert_eq!(w.observe(5, at(t0, 700), true, &cfg), Transition::Evacuate);
         assert_eq!(w.observe(5, at(t0, 800), true, &cfg), Transition::Kill);
         assert_eq!(w.observe(5, at(t0, 900), true, &cfg), Transition::None);
+    }
+
+    #[test]
+    fn a_stall_timeout_over_the_longest_hold_never_panics() {
+        // --stall-timeout 6s (over MAX_HOLD): a second stall soon after rejoining.
+        let cfg = StallConfig {
+            timeout: Duration::from_secs(6),
+            kill_after: None,
+        };
+        let mut w = StallWatch::default();
+        let t0 = Instant::now();
+        let mut t = 0;
+        for round in 0..3 {
+            // A queue that never shrinks for the timeout: stalled.
+            let mut stalled = false;
+            for _ in 0..8 {
+                if let Transition::Stalled { .. } = w.observe(5, at(t0, t), true, &cfg) {
+                    stalled = true;
+                }
+                t += 1000;
+            }
+            assert!(stalled, "round {round}");
+            w.evacuated(at(t0, t));
+            // Drained: it rejoins after the hold-off, which is the timeout itself.
+            let mut rejoined = false;
+            for _ in 0..8 {
+                if let Transition::Rejoined { .. } = w.observe(0, at(t0, t), true, &cfg) {
+                    rejoined = true;
+                    break;
+                }
+                t += 1000;
+            }
+            assert!(rejoined, "round {round}");
+        }
     }
 }

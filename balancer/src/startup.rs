@@ -230,6 +230,41 @@ fn predecessor_sockets(
         .collect())
 }
 
+/// Descriptors the controller needs besides its sockets (maps, program, pidfds, clients).
+const FD_RESERVE: u64 = 64;
+
+/// Checks that the controller may open a socket per slot and address, and more; raises the
+/// soft `RLIMIT_NOFILE` up to the hard one when that is needed.
+pub fn check_fd_limit(slots: u32, addresses: usize) -> anyhow::Result<()> {
+    let need = u64::from(slots) * addresses as u64 + FD_RESERVE;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Ok(());
+    }
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max >= need {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(());
+        }
+    }
+    anyhow::bail!(
+        "{slots} slots on {addresses} address(es) need {need} file descriptors (one socket per slot and address, plus {FD_RESERVE}), but RLIMIT_NOFILE allows {} (hard limit {}): raise it (ulimit -n, or LimitNOFILE= in the unit) or run fewer --workers",
+        lim.rlim_cur,
+        lim.rlim_max
+    )
+}
+
 /// The default BPF filesystem.
 const BPFFS: &str = "/sys/fs/bpf";
 
