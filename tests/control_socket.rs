@@ -264,3 +264,36 @@ fn a_second_controller_on_the_same_control_socket_is_refused() {
         f.stderr
     );
 }
+
+/// Pins go exactly where they were put and only they are removed: an operator's directory
+/// with other pins keeps them, and the root of a BPF filesystem is refused.
+#[test]
+fn unpinning_removes_only_what_the_controller_pinned() {
+    let bpffs = BpfFs::mount();
+    let dir = bpffs.path().join("shared");
+    let foreign = dir.join("someone-else");
+    std::fs::create_dir_all(&foreign).unwrap();
+    let mut b = Balancer::start(&["--workers", "1", "--bpffs-dir", dir.to_str().unwrap()]);
+    let addr_dir = pinned_dir(&dir, b.addrs[0]);
+    assert!(addr_dir.join(PROGRAM_SELECT).exists());
+    let (status, _) = b.stop();
+    assert!(status.success());
+    assert!(!addr_dir.exists(), "our pins are removed");
+    assert!(foreign.exists(), "pins that are not ours were removed");
+    let f = run_to_end(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--bpffs-dir",
+            bpffs.path().to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    assert!(!f.status.success());
+    assert!(
+        f.stderr.contains("is the root of a BPF filesystem"),
+        "{}",
+        f.stderr
+    );
+}

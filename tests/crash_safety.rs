@@ -246,10 +246,11 @@ fn a_worker_that_dies_while_no_controller_runs_gets_a_successor_after_adoption()
 #[test]
 fn a_group_whose_workers_are_all_gone_starts_anew() {
     let bpffs = BpfFs::mount();
-    let dir = bpffs.path().to_str().expect("utf-8 path").to_owned();
+    let under = bpffs.path().join("group");
+    let dir = under.to_str().expect("utf-8 path").to_owned();
     let b = Balancer::start(&["--workers", "2", "--bpffs-dir", &dir]);
     let tag = b.tag().to_owned();
-    let pins = pinned_dir(bpffs.path(), b.addrs[0]);
+    let pins = pinned_dir(&under, b.addrs[0]);
     let program_id = |pins: &std::path::Path| {
         aya::programs::SkReuseport::from_pin(
             pins.join(PROGRAM_SELECT),

@@ -192,6 +192,9 @@ fn run_group(
     let slots = prepared.slots;
     let (policy, spill_depth, weights) = prepared.steer.clone();
     let pin_dir = startup::pin_dir(args.bpffs_dir.clone(), &prepared.name)?;
+    // The directory is removed at exit only if it is ours: the default one, or one that did
+    // not exist before (never an operator's directory that may hold other pins).
+    let owns_pin_dir = args.bpffs_dir.is_none() || pin_dir.as_ref().is_some_and(|d| !d.exists());
     let bound: Vec<std::net::SocketAddr> =
         prepared.group.addresses.iter().map(|a| a.addr).collect();
     let rt = runtime()?;
@@ -233,7 +236,7 @@ fn run_group(
             Ok(s) => s,
             Err(e) => {
                 if let Some(dir) = &pin_dir {
-                    Steering::unpin(dir);
+                    Steering::unpin(dir, &bound, owns_pin_dir);
                 }
                 return Err(e.into());
             }
@@ -304,7 +307,7 @@ fn run_group(
         .await?;
         // After a handover the pins are the new controller's.
         if let (supervisor::Exit::Stopped, Some(dir)) = (result, &pin_dir) {
-            Steering::unpin(dir);
+            Steering::unpin(dir, &bound, owns_pin_dir);
         }
         Ok(())
     })

@@ -273,6 +273,12 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// /sys/fs/bpf when none is there; else nowhere (with a warning).
 pub fn pin_dir(asked: Option<PathBuf>, name: &str) -> anyhow::Result<Option<PathBuf>> {
     match asked {
+        // Our address directories would sit among everybody's pins.
+        Some(dir) if on_bpffs(&dir) && is_mount_root(&dir) => anyhow::bail!(
+            "--bpffs-dir {} is the root of a BPF filesystem: choose a directory under it (e.g. {}/balancer)",
+            dir.display(),
+            dir.display()
+        ),
         Some(dir) if on_bpffs(&dir) => Ok(Some(dir)),
         Some(dir) => anyhow::bail!(
             "--bpffs-dir {} is not on a BPF filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or choose a directory under it",
@@ -289,6 +295,20 @@ pub fn pin_dir(asked: Option<PathBuf>, name: &str) -> anyhow::Result<Option<Path
             Ok(Some(Path::new(BPFFS).join("balancer").join(name)))
         }
     }
+}
+
+/// Whether `p` is a mount point (its device differs from its parent's).
+fn is_mount_root(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Some(Ok(parent))) = (
+        std::fs::metadata(p),
+        p.canonicalize()
+            .ok()
+            .and_then(|c| c.parent().map(std::fs::metadata)),
+    ) else {
+        return false;
+    };
+    me.dev() != parent.dev()
 }
 
 fn on_bpffs(p: &Path) -> bool {

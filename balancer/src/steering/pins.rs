@@ -41,12 +41,15 @@ impl Instance {
 }
 
 impl Steering {
-    /// Removes what [`Steering::attach`] pinned.
-    pub fn unpin(dir: &Path) {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                warn!("removing pinned objects under {}: {e}", dir.display());
-            }
+    /// Removes what [`Steering::attach`] pinned: the address directories it created under
+    /// `dir`, and `dir` itself only when this controller owns it (`owns_dir`: the default
+    /// `/sys/fs/bpf/balancer/<name>`, never a `--bpffs-dir` the operator gave, which may hold
+    /// anything else).
+    pub fn unpin(dir: &Path, addrs: &[SocketAddr], owns_dir: bool) {
+        unpin_addresses(dir, addrs);
+        if owns_dir {
+            // Only if empty: anything else in it is not ours to remove.
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
