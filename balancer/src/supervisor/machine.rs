@@ -131,6 +131,15 @@ impl<H: Host> Supervisor<H> {
 
     /// Builds the tables for the slots live now and publishes them.
     pub(super) async fn publish(&mut self) {
+        if let Err(e) = self.try_publish().await {
+            // The previous tables stay active; they are valid, just not current.
+            error!("publishing the steering tables failed: {e}");
+        }
+    }
+
+    /// Like [`Supervisor::publish`], for a change the operator asked for: the error goes
+    /// back to them (and the change is rolled back by the caller).
+    pub(super) async fn try_publish(&mut self) -> Result<(), super::host::HostError> {
         let (live, tables) = self.tables();
         if weights_void(&live, self.steer.weights.as_deref()) {
             warn!("every live slot has weight 0: hash shares are equal until a weighted slot is live again");
@@ -140,11 +149,9 @@ impl<H: Host> Supervisor<H> {
             spill_depth: self.steer.spill_depth,
             tables: &tables,
         };
-        if let Err(e) = self.host.publish(publish).await {
-            // The previous tables stay active; they are valid, just not current.
-            error!("publishing the steering tables failed: {e}");
-        }
+        let published = self.host.publish(publish).await;
         self.tell_manager_status();
+        published
     }
 
     /// Every worker's pid (current, successors, retiring).

@@ -70,12 +70,21 @@ impl<H: Host> Supervisor<H> {
             check_weights(policy, w, self.slots.len())?;
         }
         let started = self.host.now();
+        let previous = self.steer.clone();
         self.steer.policy = policy.into();
         self.steer.weights = weights;
         if let Some(d) = spill_depth {
             self.steer.spill_depth = d;
         }
-        self.publish().await;
+        if let Err(e) = self.try_publish().await {
+            self.steer = previous;
+            return Err(ErrorReply::new(
+                ErrorKind::Failed,
+                format!(
+                    "policy {policy} was not published ({e}); the previous policy stays in force"
+                ),
+            ));
+        }
         let took = self.host.now().saturating_duration_since(started);
         let spill = match (policy, self.steer.spill_depth) {
             (PolicyName::Cpu | PolicyName::Hash, 0) => ", no spill".to_owned(),
@@ -124,12 +133,22 @@ impl<H: Host> Supervisor<H> {
                 format!("draining slot {slot} would leave no slot taking new connections: undrain or start another first"),
             ));
         }
+        let previous = self.slots[slot as usize].membership;
         self.slots[slot as usize].membership = if drained {
             Membership::Drained
         } else {
             Membership::Active
         };
-        self.publish().await;
+        if let Err(e) = self.try_publish().await {
+            self.slots[slot as usize].membership = previous;
+            return Err(ErrorReply::new(
+                ErrorKind::Failed,
+                format!(
+                    "slot {slot} was not {} ({e}): the tables are unchanged",
+                    if drained { "drained" } else { "undrained" }
+                ),
+            ));
+        }
         let pid = self.slots[slot as usize]
             .current()
             .map_or("no worker".to_owned(), |w| format!("worker pid {}", w.pid));

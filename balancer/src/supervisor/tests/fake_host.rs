@@ -86,6 +86,8 @@ pub struct FakeHost {
     pub migrated: u64,
     /// Whether growing the group fails (no more sockets).
     pub fail_grow: bool,
+    /// Whether publishing the tables fails (a map update refused).
+    pub fail_publish: bool,
     /// The slots whose sockets are in the service manager's descriptor store.
     pub stored: std::collections::BTreeSet<u32>,
     /// The last record saved for a successor.
@@ -114,6 +116,7 @@ impl FakeHost {
             record: Vec::new(),
             stored: Default::default(),
             fail_grow: false,
+            fail_publish: false,
             next_pid: 1000,
         }
     }
@@ -226,6 +229,11 @@ impl Host for FakeHost {
     }
 
     async fn publish(&mut self, p: Publish<'_>) -> Result<(), HostError> {
+        if self.fail_publish {
+            return Err(HostError::Spawn(std::io::Error::from_raw_os_error(
+                libc::ENOMEM,
+            )));
+        }
         let live: Vec<u32> = p.tables.live[..p.tables.n_live as usize].to_vec();
         // The invariant: every entry names a slot whose socket is in the array.
         for s in p

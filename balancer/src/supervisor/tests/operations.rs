@@ -379,3 +379,34 @@ async fn tables_never_name_a_slot_being_removed_even_when_no_slot_is_live() {
     exit(&mut sup, p2, WorkerExit::Code(0)).await;
     assert!(answered(&mut rx).is_ok());
 }
+
+#[tokio::test]
+async fn a_policy_or_drain_that_cannot_be_published_fails_and_changes_nothing() {
+    let mut sup = ready(2).await;
+    sup.host_mut().fail_publish = true;
+    let before = sup.steer.clone();
+    let mut rx = ask(
+        &mut sup,
+        Request::SetPolicy {
+            policy: crate::control::protocol::PolicyName::Cpu,
+            weights: None,
+            spill_depth: Some(4),
+        },
+    )
+    .await;
+    let outcome = answered(&mut rx);
+    assert_eq!(error_kind(&outcome), ErrorKind::Failed);
+    assert!(outcome
+        .unwrap_err()
+        .message
+        .contains("previous policy stays"));
+    assert_eq!(sup.steer, before, "rolled back");
+    let mut rx = ask(&mut sup, Request::Drain { slot: 1 }).await;
+    assert_eq!(error_kind(&answered(&mut rx)), ErrorKind::Failed);
+    assert_eq!(sup.slots[1].state(Phase::Running), SlotState::Ready);
+    // Once publishing works again, so do both.
+    sup.host_mut().fail_publish = false;
+    let mut rx = ask(&mut sup, Request::Drain { slot: 1 }).await;
+    assert!(answered(&mut rx).is_ok());
+    assert_eq!(sup.slots[1].state(Phase::Running), SlotState::Draining);
+}
