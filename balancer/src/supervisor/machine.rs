@@ -124,8 +124,20 @@ impl<H: Host> Supervisor<H> {
         let staying = self.layout_slots().max(1);
         let mut live = self.live();
         live.truncate(staying as usize);
+        // With no slot live, connections must queue somewhere: preferably on a slot whose
+        // worker runs (starting, drained or stalled) rather than on one with no worker at all
+        // (the tables fall back to every slot only when no worker runs).
+        let queue_on = if live.iter().any(|l| *l) {
+            live.clone()
+        } else {
+            self.slots
+                .iter()
+                .take(staying as usize)
+                .map(|s| s.current().is_some())
+                .collect()
+        };
         let weights = self.steer.weights.as_deref();
-        let tables = build_tables(&self.settings.layout, staying, &live, weights);
+        let tables = build_tables(&self.settings.layout, staying, &queue_on, weights);
         (live, tables)
     }
 

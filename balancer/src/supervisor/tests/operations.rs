@@ -410,3 +410,18 @@ async fn a_policy_or_drain_that_cannot_be_published_fails_and_changes_nothing() 
     assert!(answered(&mut rx).is_ok());
     assert_eq!(sup.slots[1].state(Phase::Running), SlotState::Draining);
 }
+
+#[tokio::test]
+async fn with_no_live_slot_connections_queue_where_a_worker_runs() {
+    let mut sup = ready(2).await;
+    let mut rx = ask(&mut sup, Request::Drain { slot: 0 }).await;
+    assert!(answered(&mut rx).is_ok());
+    let p1 = pid(&sup, 1);
+    exit(&mut sup, p1, WorkerExit::Signal(9)).await;
+    assert_eq!(sup.live(), [false, false]);
+    // Slot 0's (drained) worker runs; slot 1 has none while it backs off.
+    assert!(matches!(
+        sup.host().calls.iter().rev().find(|c| matches!(c, Call::Publish { .. })),
+        Some(Call::Publish { live, .. }) if live == &[0]
+    ));
+}
