@@ -82,6 +82,10 @@ fn bad_flags_are_rejected_with_the_accepted_values() {
         // An absurd duration would overflow the clock when added to it.
         (vec!["--grace", "1000000000y"], vec!["longer than a day"]),
         (
+            vec!["--user", "no-such-user-balancer"],
+            vec!["no-such-user-balancer", "no such user"],
+        ),
+        (
             vec!["--stall-timeout", "1ms", "--sample-interval", "1ms"],
             vec!["--stall-timeout 1ms", "--sample-interval 1ms"],
         ),

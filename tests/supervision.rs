@@ -407,3 +407,37 @@ fn workers_respawn_after_the_binary_was_replaced_on_disk() {
     }
     assert!(!b.stderr().contains("cannot start"), "{}", b.stderr());
 }
+
+/// `--user`: the worker runs as that user, with no capability left and no way back to root,
+/// and still serves, and still reports READY=1 (the only way to be ready here).
+#[test]
+fn workers_run_unprivileged_with_user() {
+    let mut b = Balancer::start(&[
+        "--workers",
+        "1",
+        "--user",
+        "65534:65534",
+        "--ready-timeout",
+        "60s",
+    ]);
+    let pid = b.status().slots[0].pid.expect("a worker");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534");
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534");
+    assert_eq!(field("Groups:"), "65534");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    let a = get(b.addrs[0]).expect("the unprivileged worker serves");
+    assert_eq!(a.pid, pid);
+    let (exit, _) = b.stop();
+    assert!(exit.success());
+}

@@ -89,6 +89,8 @@ pub struct WorkerLaunch<'a> {
     pub notify_socket: &'a str,
     /// CPUs to pin the worker to.
     pub cpus: Option<CpuSet>,
+    /// Who the worker runs as (`--user`); `None`: the controller's user.
+    pub credentials: Option<&'a crate::credentials::Credentials>,
 }
 
 /// This binary, as the kernel holds it: still valid when the file was replaced or removed by
@@ -118,6 +120,18 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
         .stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?));
 
     let sources: Vec<RawFd> = launch.sockets.iter().map(|s| s.as_raw_fd()).collect();
+    // A worker gets blocking sockets, as systemd hands them out, whatever an earlier worker
+    // set on the (shared) open file description.
+    for fd in &sources {
+        // SAFETY: fcntl on descriptors the group owns.
+        unsafe {
+            let flags = libc::fcntl(*fd, libc::F_GETFL);
+            if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+                libc::fcntl(*fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+    }
+    let credentials = launch.credentials.cloned();
     let n = sources.len() as RawFd;
     let floor = sources
         .iter()
@@ -129,7 +143,8 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
     let mut parked = vec![-1 as RawFd; sources.len()];
     let cpus = launch.cpus;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (fcntl, dup2, setpgid, sched_setaffinity); it allocates nothing, as `parked` is sized
+    // (fcntl, dup2, setpgid, sched_setaffinity, and prctl/setgroups/setresgid/setresuid in
+    // `become_user`); it allocates nothing, as `parked` and the credentials are prepared
     // beforehand.
     unsafe {
         cmd.pre_exec(move || {
@@ -157,6 +172,9 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
                 // Best effort: a pinned CPU taken offline must not keep the slot from running
                 // (the parent warns about offline CPUs when it builds the set).
                 let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set);
+            }
+            if let Some(creds) = &credentials {
+                crate::credentials::become_user(creds)?;
             }
             Ok(())
         });

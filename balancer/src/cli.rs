@@ -34,7 +34,7 @@ pub const DEFAULT_CONTROL: &str = "/run/balancer/balancer.sock";
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the socket group, load the steering program and supervise the workers.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show every slot: worker, state, CPUs, restarts, accept queue, connections steered.
     #[command(
         after_help = "Examples:\n  balancer status\n  balancer status --json | jq '.slots[].pid'"
@@ -251,6 +251,12 @@ pub struct RunArgs {
     /// Accept-queue length of each listening socket (capped by net.core.somaxconn).
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub backlog: u32,
+
+    /// Run the workers as this user (and group): every capability dropped, no way back to
+    /// root (PR_SET_NO_NEW_PRIVS). Names or numeric ids, e.g. www-data or 65534:65534
+    /// [default: the controller's user, root].
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
 
     /// Pin worker i to the CPU(s) whose connections the cpu policy sends to slot i. A scale
     /// moves the running workers (every thread of every process in their process group) to

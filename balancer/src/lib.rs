@@ -6,6 +6,7 @@ pub mod adoption;
 pub mod affinity;
 pub mod cli;
 pub mod control;
+pub mod credentials;
 pub mod demo_worker;
 pub mod fd_store;
 pub mod group_state;

@@ -37,22 +37,20 @@ fn main() -> ExitCode {
     }
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if let Command::Run(RunArgs {
-        log_level: Some(level),
-        ..
-    }) = &cli.command
-    {
-        logger.filter_level(match level {
-            LogLevel::Error => log::LevelFilter::Error,
-            LogLevel::Warn => log::LevelFilter::Warn,
-            LogLevel::Info => log::LevelFilter::Info,
-            LogLevel::Debug => log::LevelFilter::Debug,
-            LogLevel::Trace => log::LevelFilter::Trace,
-        });
+    if let Command::Run(args) = &cli.command {
+        if let Some(level) = args.log_level {
+            logger.filter_level(match level {
+                LogLevel::Error => log::LevelFilter::Error,
+                LogLevel::Warn => log::LevelFilter::Warn,
+                LogLevel::Info => log::LevelFilter::Info,
+                LogLevel::Debug => log::LevelFilter::Debug,
+                LogLevel::Trace => log::LevelFilter::Trace,
+            });
+        }
     }
     logger.format_target(false).init();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::DemoWorker(args) => {
             runtime().and_then(|rt| rt.block_on(demo_worker::run(args.accept_delay)))
         }
@@ -180,6 +178,11 @@ fn run_group(
     }
 
     startup::check_fd_limit(slots, args.listen.len())?;
+    let credentials = args
+        .user
+        .as_deref()
+        .map(balancer::credentials::resolve)
+        .transpose()?;
     let prepared = startup::prepare(
         &args.listen,
         args.name.clone(),
@@ -280,6 +283,7 @@ fn run_group(
                 record_dir: prepared.record_dir,
                 inherited: prepared.inherited,
                 adopted_pidfds: prepared.adopted_pidfds,
+                credentials,
                 layout,
                 pin_workers: args.pin_workers,
                 ready_timeout: args.ready_timeout,

@@ -34,6 +34,8 @@ pub struct NotifySocket {
     socket: tokio::net::UnixDatagram,
     name: String,
     dir: std::path::PathBuf,
+    /// Who may send besides root (`--user` workers).
+    owner: Option<(u32, u32)>,
 }
 
 impl NotifySocket {
@@ -54,13 +56,26 @@ impl NotifySocket {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
             name: path.to_string_lossy().into_owned(),
             dir: dir.to_path_buf(),
+            owner: None,
         })
+    }
+
+    /// Lets workers running as `uid`:`gid` send to the socket (it is theirs to write to;
+    /// only messages from our workers' pids count anyway).
+    pub fn allow(&mut self, uid: u32, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::chown(&self.name, Some(uid), Some(gid))?;
+        self.owner = Some((uid, gid));
+        Ok(())
     }
 
     /// Puts a new socket of ours at the path again (an upgrade that failed after the would-be
     /// successor had taken it).
     pub fn rebind(&mut self) -> io::Result<()> {
+        let owner = self.owner;
         *self = Self::bind_in(&self.dir)?;
+        if let Some((uid, gid)) = owner {
+            self.allow(uid, gid)?;
+        }
         Ok(())
     }
 

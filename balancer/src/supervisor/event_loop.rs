@@ -75,10 +75,15 @@ pub async fn run(
     let mut watchdog = manager
         .watchdog_interval()
         .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    if let Some(c) = &start.credentials {
+        // The workers must be able to send READY=1 to it.
+        notify.allow(c.uid, c.gid)?;
+    }
     let workers = Workers {
         command: start.command,
         notify_env: notify.env_value().to_owned(),
         adopted: start.adopted_pidfds,
+        credentials: start.credentials,
     };
     let host = RealHost::new(group, steering, workers, tx, manager, start.record_dir);
     let mut tick = tokio::time::interval(settings.sample_interval);

@@ -49,6 +49,8 @@ pub struct Workers {
     pub notify_env: String,
     /// Pidfds of the workers a dead controller left (adopted at start).
     pub adopted: Vec<(u32, OwnedFd)>,
+    /// Who the workers run as (`--user`).
+    pub credentials: Option<crate::credentials::Credentials>,
 }
 
 /// Processes, sockets, maps and timers of one controller.
@@ -56,6 +58,7 @@ pub struct RealHost {
     group: SocketGroup,
     steering: Steering,
     command: Vec<OsString>,
+    credentials: Option<crate::credentials::Credentials>,
     notify_env: String,
     fd_names: String,
     events: mpsc::UnboundedSender<Event>,
@@ -90,6 +93,7 @@ impl RealHost {
             command,
             notify_env,
             adopted,
+            credentials,
         } = workers;
         Self {
             manager,
@@ -107,6 +111,7 @@ impl RealHost {
             group,
             steering,
             command,
+            credentials,
             notify_env,
             events,
         }
@@ -248,6 +253,7 @@ impl Host for RealHost {
             fd_names: &self.fd_names,
             notify_socket: &self.notify_env,
             cpus: cpus.and_then(|c| cpu_set(slot, c)),
+            credentials: self.credentials.as_ref(),
         };
         let pid = activation::spawn(launch).map_err(HostError::Spawn)?;
         // Not reaped before the reaper runs on this same thread: the pid stays ours until then.

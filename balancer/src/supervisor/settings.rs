@@ -43,6 +43,8 @@ pub struct SupervisorConfig {
     pub inherited: Option<Vec<InheritedSlot>>,
     /// The pidfds of the adopted workers.
     pub adopted_pidfds: Vec<(u32, OwnedFd)>,
+    /// Who the workers run as (`--user`).
+    pub credentials: Option<crate::credentials::Credentials>,
 }
 
 /// A slot as a dead controller left it.
@@ -71,6 +73,8 @@ pub struct Start {
     pub inherited: Option<Vec<InheritedSlot>>,
     /// See [`SupervisorConfig::adopted_pidfds`].
     pub adopted_pidfds: Vec<(u32, OwnedFd)>,
+    /// See [`SupervisorConfig::credentials`].
+    pub credentials: Option<crate::credentials::Credentials>,
 }
 
 /// Settings fixed for the life of the controller.
@@ -127,6 +131,7 @@ impl SupervisorConfig {
                 record_dir: self.record_dir,
                 inherited: self.inherited,
                 adopted_pidfds: self.adopted_pidfds,
+                credentials: self.credentials,
             },
             Settings {
                 layout: self.layout,
