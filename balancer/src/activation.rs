@@ -120,17 +120,9 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
         .stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?));
 
     let sources: Vec<RawFd> = launch.sockets.iter().map(|s| s.as_raw_fd()).collect();
-    // A worker gets blocking sockets, as systemd hands them out, whatever an earlier worker
-    // set on the (shared) open file description.
-    for fd in &sources {
-        // SAFETY: fcntl on descriptors the group owns.
-        unsafe {
-            let flags = libc::fcntl(*fd, libc::F_GETFL);
-            if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
-                libc::fcntl(*fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            }
-        }
-    }
+    // O_NONBLOCK is left as it is: it belongs to the open file description, which the
+    // controller and every worker of the slot share (a restart's old worker still accepts on
+    // it), so clearing it for a new worker would turn the running one's accept blocking.
     let credentials = launch.credentials.cloned();
     let n = sources.len() as RawFd;
     let floor = sources
