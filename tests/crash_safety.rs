@@ -86,6 +86,16 @@ fn worker_pids(b: &Balancer) -> Vec<u32> {
         .collect()
 }
 
+/// Sends `sig` to a worker of this test.
+fn kill(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a worker of this test.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill({pid}, {sig})"
+    );
+}
+
 /// SIGKILLs a worker of this test and waits until it is gone.
 fn kill_worker(pid: u32) {
     // SAFETY: kill(2) on a worker of this test.
@@ -162,25 +172,40 @@ fn a_killed_controller_loses_no_connection_and_a_restart_adopts_its_workers() {
 
 #[test]
 fn an_adopted_group_is_controlled_like_one_the_controller_started() {
-    let b = Balancer::start(&["--workers", "2", "--policy", "cpu"]);
+    // No stall detection: the stopped worker's queue must wait for its successor.
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash", "--stall-timeout", "0"]);
     let addr = b.addrs[0];
     let mut b = b.crash().restart();
     let adopted = worker_pids(&b);
-    let steady = Steady::start(addr);
-    steady.wait_answers(20);
-    // A killed adopted worker is respawned on its slot's socket.
-    // SAFETY: kill(2) on a worker of this test.
-    assert_eq!(unsafe { libc::kill(adopted[0] as i32, libc::SIGKILL) }, 0);
+    // A killed adopted worker is respawned on its slot's socket and serves what queued there:
+    // stopped first, so that it holds no accepted connection when it dies (what a worker had
+    // accepted dies with it; what waits in the queue must not).
+    kill(adopted[0], libc::SIGSTOP);
+    let queued: Vec<_> = (0..60)
+        .map(|_| balancer_tests::send_request(addr).expect("connected"))
+        .collect();
+    kill(adopted[0], libc::SIGKILL);
+    let answers: Vec<_> = queued
+        .into_iter()
+        .map(|s| balancer_tests::read_answer(s).expect("a queued connection was lost"))
+        .collect();
+    let successor = b.status().slots[0].pid.expect("slot 0 respawned");
+    assert_ne!(successor, adopted[0]);
+    assert!(
+        answers.iter().any(|a| a.pid == successor),
+        "slot 0's queue was served by its successor"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = b.status();
-        if s.slots[0].pid.is_some_and(|p| p != adopted[0]) && s.slots[0].state == SlotState::Ready {
+        if s.slots[0].state == SlotState::Ready {
             assert_eq!(s.slots[0].restarts, 1);
             break;
         }
         assert!(Instant::now() < deadline, "slot 0 was not respawned: {s:?}");
         thread::sleep(Duration::from_millis(20));
     }
+    let steady = Steady::start(addr);
     steady.wait_answers(20);
     let ok = |args: &[&str]| {
         let f = b.cli(args);
