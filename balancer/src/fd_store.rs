@@ -51,6 +51,12 @@ impl Stored {
         let mut names = names.split(':');
         let mut stored = HashMap::new();
         for fd in LISTEN_FDS_START..LISTEN_FDS_START.saturating_add(count.clamp(0, 4096)) {
+            // An overstated LISTEN_FDS must not make us own a descriptor that is not open.
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                warn!("LISTEN_FDS names descriptor {fd}, which is not open: ignored");
+                continue;
+            }
             // SAFETY: by the protocol the manager passed these descriptors to us, numbered from
             // 3; each is owned here exactly once.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -85,6 +91,24 @@ impl Stored {
             .collect()
     }
 
+    /// The inodes of every stored socket: ours, although the service manager holds them
+    /// too (the check for strangers in the group must not count them).
+    pub fn inodes(&self) -> Vec<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.0
+            .values()
+            .filter_map(|s| {
+                let fd = std::os::fd::AsFd::as_fd(s).try_clone_to_owned().ok()?;
+                Some(std::fs::File::from(fd).metadata().ok()?.ino())
+            })
+            .collect()
+    }
+
+    /// The names of the sockets still stored here (not taken for the group).
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().map(|(slot, j)| name(*slot, *j)).collect()
+    }
+
     /// How many slots, 0.., have every socket stored for `listen`.
     pub fn slots(&self, listen: &[std::net::SocketAddr]) -> u32 {
         let mut n = 0;
@@ -92,6 +116,7 @@ impl Stored {
             && (0..listen.len()).all(|j| {
                 self.0.get(&(n, j)).is_some_and(|s| {
                     s.local_addr().ok().and_then(|a| a.as_socket()) == listen.get(j).copied()
+                        && s.is_listener().unwrap_or(false)
                 })
             })
         {

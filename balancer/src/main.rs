@@ -123,7 +123,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 fn run_group(
     args: RunArgs,
     mut predecessor: Option<handover::Predecessor>,
-    stored: balancer::fd_store::Stored,
+    mut stored: balancer::fd_store::Stored,
 ) -> anyhow::Result<()> {
     let started_from = std::env::current_exe().context("finding this binary's path")?;
     let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -149,7 +149,7 @@ fn run_group(
         Some(p) => Some(p.hello()?),
         None => None,
     };
-    let manager = match predecessor {
+    let mut manager = match predecessor {
         Some(p) => manager.with_predecessor(p),
         None => manager,
     };
@@ -190,8 +190,14 @@ fn run_group(
         (policy, args.spill_depth),
         args.backlog,
         handing_over.clone(),
-        stored,
+        &mut stored,
     )?;
+    // What the service manager kept but the group does not use (other addresses, slots
+    // beyond the group) leaves its store and closes.
+    for name in stored.names() {
+        manager.remove_fd(&name);
+    }
+    drop(stored);
     let slots = prepared.slots;
     let (policy, spill_depth, weights) = prepared.steer.clone();
     let pin_dir = startup::pin_dir(args.bpffs_dir.clone(), &prepared.name)?;

@@ -43,39 +43,38 @@ impl NotifySocket {
     /// controller: a worker it leaves running reaches whichever controller adopts it. The new
     /// socket is put at the path by a rename, over a dead controller's (or, in an upgrade,
     /// the old controller's) socket.
-    pub fn bind_in(dir: &std::path::Path) -> io::Result<Self> {
+    ///
+    /// `owner`: the uid and gid of `--user` workers, who must be able to write to it (it
+    /// is theirs before it is at the path, so that no READY=1 of theirs ever fails).
+    pub fn bind_in(dir: &std::path::Path, owner: Option<(u32, u32)>) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("notify");
         let tmp = dir.join(format!("notify.{}.new", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let socket = UnixDatagram::bind(&tmp)?;
-        std::fs::rename(&tmp, &path)?;
+        let placed = match owner {
+            Some((uid, gid)) => std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)),
+            None => Ok(()),
+        }
+        .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         setsockopt(&socket, PassCred, &true).map_err(io::Error::from)?;
         socket.set_nonblocking(true)?;
         Ok(Self {
             socket: tokio::net::UnixDatagram::from_std(socket)?,
             name: path.to_string_lossy().into_owned(),
             dir: dir.to_path_buf(),
-            owner: None,
+            owner,
         })
-    }
-
-    /// Lets workers running as `uid`:`gid` send to the socket (it is theirs to write to;
-    /// only messages from our workers' pids count anyway).
-    pub fn allow(&mut self, uid: u32, gid: u32) -> io::Result<()> {
-        std::os::unix::fs::chown(&self.name, Some(uid), Some(gid))?;
-        self.owner = Some((uid, gid));
-        Ok(())
     }
 
     /// Puts a new socket of ours at the path again (an upgrade that failed after the would-be
     /// successor had taken it).
     pub fn rebind(&mut self) -> io::Result<()> {
-        let owner = self.owner;
-        *self = Self::bind_in(&self.dir)?;
-        if let Some((uid, gid)) = owner {
-            self.allow(uid, gid)?;
-        }
+        *self = Self::bind_in(&self.dir, self.owner)?;
         Ok(())
     }
 
@@ -121,9 +120,9 @@ mod tests {
     #[tokio::test]
     async fn ready_message_arrives_with_the_sender_pid() {
         let dir = std::env::temp_dir().join(format!("balancer-notify-{}", std::process::id()));
-        let n = NotifySocket::bind_in(&dir).unwrap();
+        let n = NotifySocket::bind_in(&dir, None).unwrap();
         // A successor binds the same path: it takes the path over.
-        let successor = NotifySocket::bind_in(&dir).unwrap();
+        let successor = NotifySocket::bind_in(&dir, None).unwrap();
         assert_eq!(successor.env_value(), n.env_value());
         let tx = UnixDatagram::unbound().unwrap();
         tx.send_to(b"STATUS=starting\nREADY=1\n", successor.env_value())

@@ -79,8 +79,15 @@ pub struct SocketGroup {
 }
 
 impl SocketGroup {
-    /// Creates `slots` SO_REUSEPORT listening sockets on each address.
-    pub fn bind(listen: &[SocketAddr], slots: u32, backlog: u32) -> Result<Self, SocketGroupError> {
+    /// Creates `slots` SO_REUSEPORT listening sockets on each address. `known` are inodes of
+    /// sockets that are the group's although another process holds them too (the service
+    /// manager's descriptor store).
+    pub fn bind(
+        listen: &[SocketAddr],
+        slots: u32,
+        backlog: u32,
+        known: &[u64],
+    ) -> Result<Self, SocketGroupError> {
         for (i, a) in listen.iter().enumerate() {
             if listen[..i].contains(a) {
                 return Err(SocketGroupError::Duplicate { addr: *a });
@@ -91,7 +98,7 @@ impl SocketGroup {
             .map(|addr| {
                 let mut sockets = Vec::new();
                 let addr = bind_sockets(*addr, &mut sockets, slots, backlog)?;
-                check_no_foreign_members(addr, &sockets)?;
+                check_no_foreign_members(addr, &sockets, known)?;
                 Ok(AddressGroup { addr, sockets })
             })
             .collect::<Result<Vec<_>, SocketGroupError>>()?;
@@ -106,6 +113,7 @@ impl SocketGroup {
         listen: &[SocketAddr],
         mut adopted: Vec<Option<Vec<Socket>>>,
         backlog: u32,
+        known: &[u64],
     ) -> Result<Self, SocketGroupError> {
         let mut addresses: Vec<AddressGroup> = listen
             .iter()
@@ -129,7 +137,7 @@ impl SocketGroup {
             }
         }
         for a in &addresses {
-            check_no_foreign_members(a.addr, &a.sockets)?;
+            check_no_foreign_members(a.addr, &a.sockets, known)?;
         }
         Ok(Self { addresses, backlog })
     }
@@ -284,8 +292,16 @@ pub fn accept_queue_len(socket: &Socket) -> io::Result<u32> {
 
 /// A same-user process with SO_REUSEPORT could already listen here; binding then joins its
 /// group, and attaching our program would steal its traffic. Refuse instead.
-fn check_no_foreign_members(addr: SocketAddr, ours: &[Socket]) -> Result<(), SocketGroupError> {
-    let our_inodes: Vec<u64> = ours.iter().filter_map(|s| inode(s).ok()).collect();
+fn check_no_foreign_members(
+    addr: SocketAddr,
+    ours: &[Socket],
+    known: &[u64],
+) -> Result<(), SocketGroupError> {
+    let our_inodes: Vec<u64> = ours
+        .iter()
+        .filter_map(|s| inode(s).ok())
+        .chain(known.iter().copied())
+        .collect();
     let foreign: Vec<_> = proc_net::conflicting_listeners(addr)
         .into_iter()
         .filter(|l| l.addr == addr && !our_inodes.contains(&l.inode))

@@ -63,7 +63,7 @@ pub fn prepare(
     steer: (PolicyKind, u32),
     backlog: u32,
     handed: Option<Handed>,
-    mut stored: Stored,
+    stored: &mut Stored,
 ) -> anyhow::Result<Prepared> {
     // A handover names the group; the record then says where it listens (our own --listen
     // may say port 0, which names no group).
@@ -79,6 +79,8 @@ pub fn prepare(
             .then(|| group_state::derive_name(listen))
     });
     let root = Path::new(STATE_ROOT);
+    // What the service manager still holds is the group's, even where it is not used.
+    let known = stored.inodes();
     let found = match &asked {
         Some(name) => adoption::find(
             &group_state::record_dir(root, name),
@@ -99,7 +101,7 @@ pub fn prepare(
         let kept = stored.slots(listen);
         if kept > 0 && asked.is_some() {
             let sockets = (0..kept).map(|i| stored.take_slot(i, listen)).collect();
-            let group = SocketGroup::adopt(listen, sockets, backlog)?;
+            let group = SocketGroup::adopt(listen, sockets, backlog, &known)?;
             let name = asked.unwrap_or_default();
             info!("group {name}: {kept} slot(s) on the sockets the service manager kept");
             return Ok(Prepared {
@@ -122,7 +124,7 @@ pub fn prepare(
                 adopted_from: None,
             });
         }
-        let group = SocketGroup::bind(listen, slots, backlog)?;
+        let group = SocketGroup::bind(listen, slots, backlog, &known)?;
         let bound: Vec<SocketAddr> = group.addresses.iter().map(|a| a.addr).collect();
         let name = asked.unwrap_or_else(|| group_state::derive_name(&bound));
         return Ok(Prepared {
@@ -170,12 +172,13 @@ pub fn prepare(
             ),
         }
     }
-    let group = SocketGroup::adopt(&record.listen, sockets, backlog).with_context(|| {
-        format!(
-            "adopting group {name} (left by controller pid {})",
-            record.controller.pid
-        )
-    })?;
+    let group =
+        SocketGroup::adopt(&record.listen, sockets, backlog, &known).with_context(|| {
+            format!(
+                "adopting group {name} (left by controller pid {})",
+                record.controller.pid
+            )
+        })?;
     info!(
         "group {name}: adopting {} worker(s) left by controller pid {}; {} slot(s) get a new worker",
         pidfds.len(),
@@ -249,8 +252,9 @@ pub fn check_fd_limit(slots: u32, addresses: usize) -> anyhow::Result<()> {
         return Ok(());
     }
     if lim.rlim_max >= need {
+        // Only as far as needed: workers inherit the limit.
         let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
+            rlim_cur: need,
             rlim_max: lim.rlim_max,
         };
         // SAFETY: setrlimit reads the struct we own.

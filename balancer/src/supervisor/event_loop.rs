@@ -54,9 +54,10 @@ pub async fn run(
     mut upgrades: UpgradeContext,
 ) -> anyhow::Result<Exit> {
     let (start, settings, steer) = config.split();
-    let mut notify = NotifySocket::bind_in(&start.record_dir).with_context(|| {
+    let owner = start.credentials.as_ref().map(|c| (c.uid, c.gid));
+    let mut notify = NotifySocket::bind_in(&start.record_dir, owner).with_context(|| {
         format!(
-            "creating the NOTIFY_SOCKET for workers in {}",
+            "creating the NOTIFY_SOCKET for workers in {} (with --user, owned by the workers' user)",
             start.record_dir.display()
         )
     })?;
@@ -75,10 +76,6 @@ pub async fn run(
     let mut watchdog = manager
         .watchdog_interval()
         .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
-    if let Some(c) = &start.credentials {
-        // The workers must be able to send READY=1 to it.
-        notify.allow(c.uid, c.gid)?;
-    }
     let workers = Workers {
         command: start.command,
         notify_env: notify.env_value().to_owned(),

@@ -255,7 +255,18 @@ impl Host for RealHost {
             cpus: cpus.and_then(|c| cpu_set(slot, c)),
             credentials: self.credentials.as_ref(),
         };
-        let pid = activation::spawn(launch).map_err(HostError::Spawn)?;
+        let pid = activation::spawn(launch).map_err(|e| match &self.credentials {
+            Some(c) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+                HostError::Spawn(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e} as --user uid {} gid {}: the controller needs CAP_SETUID, CAP_SETGID and CAP_SETPCAP to drop to it, and that user must be able to execute the worker command (and this binary, the trampoline)",
+                        c.uid, c.gid
+                    ),
+                ))
+            }
+            _ => HostError::Spawn(e),
+        })?;
         // Not reaped before the reaper runs on this same thread: the pid stays ours until then.
         self.children.insert(pid, generation);
         if let Some(t) = group_state::start_time(pid) {
