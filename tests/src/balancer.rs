@@ -370,10 +370,27 @@ impl Drop for Balancer {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // A crashed controller's group is the `Crashed`'s (its tag was handed over).
         if !self.launch.tag.is_empty() {
             kill_tagged(&self.launch.tag);
+            forget_group(&self.addrs);
         }
     }
+}
+
+/// Removes what a controller that did not stop on its own left of its group (a crash, a
+/// failed test): the record under /run/balancer and the default pins. A clean stop removed
+/// them already.
+pub fn forget_group(addrs: &[SocketAddr]) {
+    if addrs.is_empty() {
+        return;
+    }
+    let name = balancer::group_state::derive_name(addrs);
+    balancer::group_state::GroupRecord::remove(&balancer::group_state::record_dir(
+        std::path::Path::new(balancer::group_state::STATE_ROOT),
+        &name,
+    ));
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf/balancer").join(&name));
 }
 
 #[cfg(test)]

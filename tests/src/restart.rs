@@ -71,6 +71,7 @@ impl Drop for Crashed {
     fn drop(&mut self) {
         if !self.launch.tag.is_empty() {
             kill_tagged(&self.launch.tag);
+            crate::balancer::forget_group(&self.addrs);
         }
     }
 }
