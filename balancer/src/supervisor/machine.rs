@@ -32,6 +32,9 @@ pub struct Supervisor<H: Host> {
     pub(super) phase: Phase,
     /// Whether `ready: N workers` was printed (once, when every slot first was ready).
     pub(super) announced_ready: bool,
+    /// Whether this controller started the group (not adopted it): until every worker is
+    /// first ready, every slot keeps its share.
+    pub(super) fresh_start: bool,
     pub(super) started: Instant,
     /// Time spent sampling queue depths, for `status`.
     pub(super) sampling_spent: Duration,
@@ -54,6 +57,7 @@ impl<H: Host> Supervisor<H> {
             op: None,
             phase: Phase::Running,
             announced_ready: false,
+            fresh_start: false,
             started,
             sampling_spent: Duration::ZERO,
             depths: Vec::new(),
@@ -63,6 +67,7 @@ impl<H: Host> Supervisor<H> {
 
     /// Starts every slot's worker.
     pub fn start(&mut self) {
+        self.fresh_start = true;
         self.host.store_sockets(0..self.slot_count());
         for slot in 0..self.slot_count() {
             self.spawn_current(slot);
@@ -124,10 +129,21 @@ impl<H: Host> Supervisor<H> {
         let staying = self.layout_slots().max(1);
         let mut live = self.live();
         live.truncate(staying as usize);
-        // With no slot live, connections must queue somewhere: preferably on a slot whose
-        // worker runs (starting, drained or stalled) rather than on one with no worker at all
-        // (the tables fall back to every slot only when no worker runs).
-        let queue_on = if live.iter().any(|l| *l) {
+        // At start, until every worker is ready (within the ready timeout), every slot with a
+        // worker keeps its share, so that the first worker to be ready does not take every
+        // connection. With no slot live, connections must queue somewhere: preferably on a
+        // slot whose worker runs (starting, drained or stalled) rather than on one with no
+        // worker at all (the tables fall back to every slot only when no worker runs).
+        let starting = self.fresh_start
+            && !self.announced_ready
+            && self.host.now() < self.started + self.settings.ready_timeout;
+        let queue_on = if starting {
+            self.slots
+                .iter()
+                .take(staying as usize)
+                .map(|s| s.current().is_some() && s.membership == Membership::Active)
+                .collect()
+        } else if live.iter().any(|l| *l) {
             live.clone()
         } else {
             self.slots

@@ -250,3 +250,56 @@ async fn the_service_manager_hears_ready_once_status_changes_and_stopping() {
         ["STOPPING=1", "STATUS=stopping: 2 worker(s) still running"]
     );
 }
+
+#[tokio::test]
+async fn at_start_every_slot_keeps_its_share_until_all_are_ready() {
+    let mut sup = started_with(2, settings());
+    let p0 = pid(&sup, 0);
+    sup.on_notify_ready(p0).await;
+    let last_publish = |sup: &super::Sup| {
+        sup.host()
+            .calls
+            .iter()
+            .rev()
+            .find_map(|c| match c {
+                Call::Publish { live, .. } => Some(live.clone()),
+                _ => None,
+            })
+            .expect("a publish")
+    };
+    assert_eq!(
+        last_publish(&sup),
+        [0, 1],
+        "slot 1's worker is starting: it keeps its share"
+    );
+    let p1 = pid(&sup, 1);
+    sup.on_notify_ready(p1).await;
+    assert_eq!(last_publish(&sup), [0, 1]);
+    // After start, a slot whose worker is gone leaves the tables as ever.
+    exit(&mut sup, p1, WorkerExit::Signal(9)).await;
+    assert_eq!(last_publish(&sup), [0]);
+}
+
+#[tokio::test]
+async fn a_slot_that_never_gets_ready_at_start_leaves_after_the_ready_timeout() {
+    let mut sup = started_with(2, settings());
+    let p0 = pid(&sup, 0);
+    sup.on_notify_ready(p0).await;
+    let p1 = pid(&sup, 1);
+    // Slot 1's worker dies before it is ready, and its successor is slow.
+    exit(&mut sup, p1, WorkerExit::Code(1)).await;
+    advance(&mut sup, READY_TIMEOUT).await;
+    // Past the ready timeout: only what is ready takes connections.
+    let p0_again = pid(&sup, 0);
+    assert_eq!(p0_again, p0);
+    let mut rx = super::ask(
+        &mut sup,
+        crate::control::protocol::Request::Drain { slot: 1 },
+    )
+    .await;
+    let _ = super::answered(&mut rx);
+    assert!(matches!(
+        sup.host().calls.iter().rev().find(|c| matches!(c, Call::Publish { .. })),
+        Some(Call::Publish { live, .. }) if live == &[0]
+    ));
+}
