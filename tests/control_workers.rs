@@ -161,3 +161,57 @@ fn sighup_restarts_every_slot() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A slot whose worker keeps crashing does not hold what is queued on it through its
+/// backoff: once it has had no worker for the stall timeout, its queue moves to live slots.
+#[test]
+fn a_crash_looping_slot_hands_its_queue_to_the_live_slots() {
+    let flag = balancer_tests::unique_path("crash.flag");
+    let script = balancer_tests::unique_path("crashing-worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e '{}' ] && [ \"$BALANCER_SLOT\" = 1 ]; then exit 3; fi\nexec '{}' demo-worker\n",
+            flag.display(),
+            balancer_tests::balancer_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut b = Balancer::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "hash",
+        "--",
+        script.to_str().unwrap(),
+    ]);
+    let workers = pids(&b.status());
+    assert_eq!(workers.len(), 2);
+    std::fs::write(&flag, "").unwrap();
+    // Stopped, so that it holds no accepted connection; killed before stall detection could
+    // act; from then on slot 1's worker exits at every start.
+    // SAFETY: kill(2) on a worker of this test.
+    unsafe { libc::kill(workers[1] as i32, libc::SIGSTOP) };
+    let queued: Vec<_> = (0..60)
+        .map(|_| balancer_tests::send_request(b.addrs[0]).expect("connected"))
+        .collect();
+    // SAFETY: as above.
+    unsafe { libc::kill(workers[1] as i32, libc::SIGKILL) };
+    let answers: Vec<Answer> = queued
+        .into_iter()
+        .map(|s| {
+            balancer_tests::read_answer(s)
+                .expect("a connection queued on the crash-looping slot was never served")
+        })
+        .collect();
+    assert_eq!(answers.len(), 60);
+    assert!(answers.iter().all(|a| a.pid == workers[0]), "{answers:?}");
+    // Moved by the migrate program (counted on the slot where they land).
+    let status = b.status();
+    assert!(status.slots[0].migrated > 0, "{status:?}");
+    let _ = std::fs::remove_file(&flag);
+    let _ = std::fs::remove_file(&script);
+    let (status, _) = b.stop();
+    assert!(status.success());
+}

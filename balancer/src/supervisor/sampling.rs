@@ -1,6 +1,7 @@
 //! The load signal: every sample of the accept queues feeds the program's depth map and
 //! stall detection, which takes stalled slots out of the tables, evacuates their queues and,
-//! with `--kill-stalled`, kills their workers.
+//! with `--kill-stalled`, kills their workers; and the queue of a slot that has had no ready
+//! worker for the stall timeout (a crash loop) is moved to live slots too.
 use log::{error, info, warn};
 use nix::sys::signal::Signal;
 
@@ -58,14 +59,39 @@ impl<H: Host> Supervisor<H> {
             self.publish().await;
         }
         if self.settings.evacuate {
+            evacuate.extend(self.unready_too_long(now));
             for slot in evacuate {
                 self.evacuate(slot);
             }
         }
     }
 
-    /// Moves what is queued on a stalled slot to live slots (never when no other slot is live:
-    /// the kernel would have nowhere to put the connections).
+    /// Slots that have had no ready worker for the stall timeout (a worker that keeps
+    /// crashing, backing off up to 30 s) with connections queued: their queue goes to live
+    /// slots, at most once per stall timeout, as a stalled slot's would.
+    fn unready_too_long(&mut self, now: std::time::Instant) -> Vec<u32> {
+        let timeout = self.settings.stall_timeout;
+        let mut due = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if s.ready() || s.membership == Membership::Removing || timeout.is_zero() {
+                s.unready = None;
+                continue;
+            }
+            let (since, last) = *s.unready.get_or_insert((now, None));
+            let waited = now.saturating_duration_since(last.unwrap_or(since));
+            // A worker that is starting gets its ready timeout to take its queue (at start
+            // every slot's worker is starting); one backing off after a crash does not.
+            let workerless = s.current().is_none();
+            if workerless && waited >= timeout && self.depths.get(i).is_some_and(|d| *d > 0) {
+                s.unready = Some((since, Some(now)));
+                due.push(i as u32);
+            }
+        }
+        due
+    }
+
+    /// Moves what is queued on a stalled (or workerless) slot to live slots (never when no
+    /// other slot is live: the kernel would have nowhere to put the connections).
     fn evacuate(&mut self, slot: u32) {
         if !self.others_live(slot) {
             warn!("slot {slot}: not evacuated: no other slot is live");

@@ -152,6 +152,9 @@ pub struct Slot {
     pub crashes: CrashLoop,
     /// Stall detection on its accept queue.
     pub stall: StallWatch,
+    /// Since when it has had no ready worker, and when its queue was last moved out for
+    /// that (a crash-looping slot must not hold its queue through the backoff).
+    pub unready: Option<(Instant, Option<Instant>)>,
 }
 
 impl Default for Slot {
@@ -162,6 +165,7 @@ impl Default for Slot {
             retiring: Vec::new(),
             crashes: CrashLoop::default(),
             stall: StallWatch::default(),
+            unready: None,
         }
     }
 }

@@ -311,3 +311,42 @@ fn every_slot_shape_maps_to_exactly_one_state() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_crash_looping_slot_does_not_hold_its_queue_through_the_backoff() {
+    let mut sup = ready(2).await;
+    let stall_ms = STALL_TIMEOUT.as_millis() as u64;
+    // Slot 0's worker keeps dying at once: its respawns back off.
+    for _ in 0..4 {
+        let victim = pid(&sup, 0);
+        exit(&mut sup, victim, WorkerExit::Code(1)).await;
+        sample_for(&mut sup, &[7, 0], 20).await;
+        if sup.slots[0].current().is_some() {
+            continue;
+        }
+        // Backing off: wait for the respawn.
+        let mut waited = 0;
+        while sup.slots[0].current().is_none() {
+            sample_for(&mut sup, &[7, 0], 1).await;
+            waited += 1;
+            assert!(waited < 10_000);
+        }
+    }
+    let victim = pid(&sup, 0);
+    exit(&mut sup, victim, WorkerExit::Code(1)).await;
+    assert_eq!(sup.slots[0].state(Phase::Running), SlotState::BackingOff);
+    // Its queue has waited the stall timeout since the slot lost its worker: moved out.
+    let evacuations = |sup: &Sup| count(sup, |c| c == &Call::Evacuate { slot: 0 });
+    assert!(evacuations(&sup) >= 1, "moved out during the crash loop");
+    let before = evacuations(&sup);
+    sample_for(&mut sup, &[7, 0], stall_ms - 2).await;
+    assert!(
+        evacuations(&sup) <= before + 1,
+        "at most once per stall timeout"
+    );
+    // Not while it serves: a ready worker's queue is stall detection's business.
+    let mut s = ready(2).await;
+    sample_for(&mut s, &[3, 0], 5).await;
+    sample_for(&mut s, &[2, 0], 5).await;
+    assert_eq!(count(&s, |c| matches!(c, Call::Evacuate { .. })), 0);
+}
