@@ -167,17 +167,10 @@ fn sighup_restarts_every_slot() {
 #[test]
 fn a_crash_looping_slot_hands_its_queue_to_the_live_slots() {
     let flag = balancer_tests::unique_path("crash.flag");
-    let script = balancer_tests::unique_path("crashing-worker.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ -e '{}' ] && [ \"$BALANCER_SLOT\" = 1 ]; then exit 3; fi\nexec '{}' demo-worker\n",
-            flag.display(),
-            balancer_tests::balancer_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = balancer_tests::refusing_worker(&format!(
+        "[ -e '{}' ] && [ \"$BALANCER_SLOT\" = 1 ]",
+        flag.display()
+    ));
     let mut b = Balancer::start(&[
         "--workers",
         "2",

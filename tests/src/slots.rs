@@ -32,21 +32,27 @@ pub fn all_ready(status: &StatusReport, n: usize) -> bool {
     status.slots.len() == n && status.slots.iter().all(|s| s.state == SlotState::Ready)
 }
 
-/// Two slots under `hash` whose workers run the demo worker, or exit with status 3 before they
-/// are ready once the returned flag file exists. Returns (controller, flag, worker script).
-pub fn refusable_group() -> (Balancer, PathBuf, PathBuf) {
-    let flag = unique_path("refuse.flag");
+/// A worker script that runs the demo worker, or exits with status 3 before it is ready while
+/// the shell condition `refuse_if` holds (it may test `$BALANCER_SLOT`).
+pub fn refusing_worker(refuse_if: &str) -> PathBuf {
     let script = unique_path("worker.sh");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then echo 'refusing to start' >&2; exit 3; fi\nexec '{}' demo-worker\n",
-            flag.display(),
+            "#!/bin/sh\nif {refuse_if}; then echo 'refusing to start' >&2; exit 3; fi\nexec '{}' demo-worker\n",
             balancer_bin().display()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// Two slots under `hash` whose workers run the demo worker, or exit with status 3 before they
+/// are ready once the returned flag file exists. Returns (controller, flag, worker script).
+pub fn refusable_group() -> (Balancer, PathBuf, PathBuf) {
+    let flag = unique_path("refuse.flag");
+    let script = refusing_worker(&format!("[ -e '{}' ]", flag.display()));
     let b = Balancer::start(&[
         "--workers",
         "2",
