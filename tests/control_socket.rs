@@ -297,3 +297,80 @@ fn unpinning_removes_only_what_the_controller_pinned() {
         f.stderr
     );
 }
+
+/// 5,000 random and truncated frames at a live controller: every complete one is answered,
+/// none changes anything, and the controller stays up.
+#[test]
+fn five_thousand_random_frames_change_nothing() {
+    let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
+    let before = b.status();
+    let policy_before = b.policy();
+    let status_frame = frame(&balancer::control::protocol::encode_request(
+        &balancer::control::protocol::Request::Status,
+    ));
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut answered = 0;
+    let mut conn = UnixStream::connect(&b.control).unwrap();
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    for i in 0..5_000u32 {
+        let bytes: Vec<u8> = match next() % 3 {
+            // Noise as the payload of a well-formed frame: answered with an error.
+            0 => frame(&(0..next() % 200).map(|_| next() as u8).collect::<Vec<_>>()),
+            // A valid status request with its payload damaged.
+            1 => {
+                let mut f = status_frame.clone();
+                let at = 4 + (next() as usize) % (f.len() - 4);
+                f[at] = next() as u8;
+                f
+            }
+            // A truncated frame, then the connection is dropped: nothing to answer.
+            _ => {
+                let mut f = status_frame.clone();
+                f.truncate(1 + (next() as usize) % (f.len() - 1));
+                f
+            }
+        };
+        let complete = bytes.len() >= 4
+            && u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize
+                == bytes.len() - 4;
+        conn.write_all(&bytes).unwrap();
+        if complete {
+            let mut len = [0u8; 4];
+            conn.read_exact(&mut len)
+                .unwrap_or_else(|e| panic!("frame {i} got no reply: {e}"));
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            conn.read_exact(&mut body).unwrap();
+            match decode_reply(&body).expect("a reply frame") {
+                Ok(Reply::Status(_)) | Err(_) => {}
+                Ok(other) => panic!("frame {i} changed something: {other:?}"),
+            }
+            answered += 1;
+        } else {
+            conn = UnixStream::connect(&b.control).unwrap();
+            conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        }
+    }
+    assert!(answered > 1_000, "{answered} answered");
+    let after = b.status();
+    assert_eq!(after.pid, before.pid, "the controller stayed up");
+    assert_eq!(after.policy, before.policy);
+    assert_eq!(
+        after
+            .slots
+            .iter()
+            .map(|s| (s.pid, s.state, s.restarts))
+            .collect::<Vec<_>>(),
+        before
+            .slots
+            .iter()
+            .map(|s| (s.pid, s.state, s.restarts))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(b.policy(), policy_before);
+}

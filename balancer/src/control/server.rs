@@ -458,4 +458,36 @@ mod tests {
             ErrorKind::PermissionDenied
         );
     }
+
+    /// Random and damaged frames: each gets a reply, exactly the decodable ones reach the
+    /// supervisor, and the connection stays usable throughout.
+    #[tokio::test]
+    async fn random_frames_are_answered_and_only_valid_ones_forwarded() {
+        let (mut client, task, mut requests) = serve(Some(OWN));
+        // A supervisor that answers whatever reaches it, and counts.
+        let counter = tokio::spawn(async move {
+            let mut n = 0u32;
+            while let Some((_, reply)) = requests.recv().await {
+                n += 1;
+                let _ = reply.send(Ok(Reply::Done {
+                    message: "ok".into(),
+                }));
+            }
+            n
+        });
+        let mut expected = 0u32;
+        for seed in 1..=2_000u64 {
+            let payload = crate::control::random_frames::payload(seed);
+            let valid = crate::control::protocol::decode_request(&payload).is_ok();
+            expected += u32::from(valid);
+            let outcome = exchange(&mut client, &payload).await;
+            assert_eq!(outcome.is_ok(), valid, "seed {seed}: {outcome:?}");
+        }
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the server task ends once the client is gone")
+            .unwrap();
+        assert_eq!(counter.await.unwrap(), expected);
+    }
 }
