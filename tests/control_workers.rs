@@ -167,18 +167,10 @@ fn sighup_restarts_every_slot() {
 #[test]
 fn a_crash_looping_slot_hands_its_queue_to_the_live_slots() {
     let flag = balancer_tests::unique_path("crash.flag");
-    let script = balancer_tests::refusing_worker(&format!(
+    let (mut b, script) = balancer_tests::refusing_group(&format!(
         "[ -e '{}' ] && [ \"$BALANCER_SLOT\" = 1 ]",
         flag.display()
     ));
-    let mut b = Balancer::start(&[
-        "--workers",
-        "2",
-        "--policy",
-        "hash",
-        "--",
-        script.to_str().unwrap(),
-    ]);
     let workers = pids(&b.status());
     assert_eq!(workers.len(), 2);
     std::fs::write(&flag, "").unwrap();

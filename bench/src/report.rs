@@ -186,22 +186,10 @@ impl Report {
                 )),
                 s.map_or("–".into(), |s| s.timed_out.to_string()),
                 s.map_or("–".into(), |s| s.failed.to_string()),
-                a.kill.map_or("–".into(), |k| format!(
-                    "{} of {}",
-                    k.failed, k.connections
-                )),
-                a.switch.map_or("–".into(), |k| format!(
-                    "{} of {}",
-                    k.failed, k.connections
-                )),
-                a.restart.map_or("–".into(), |k| format!(
-                    "{} of {}",
-                    k.failed, k.connections
-                )),
-                a.upgrade.map_or("–".into(), |k| format!(
-                    "{} of {}",
-                    k.failed, k.connections
-                )),
+                failed_of(a.kill),
+                failed_of(a.switch),
+                failed_of(a.restart),
+                failed_of(a.upgrade),
             );
         }
         out
@@ -385,6 +373,13 @@ It builds the release binaries, runs the benchmark as root (through sudo when ne
         }
         Ok(())
     }
+}
+
+/// A closed-loop scenario's cell: "failed of connections", or "–" where it was not run.
+fn failed_of(s: Option<Scenario>) -> String {
+    s.map_or("–".into(), |k| {
+        format!("{} of {}", k.failed, k.connections)
+    })
 }
 
 fn machine() -> String {

@@ -38,7 +38,9 @@ pub use restart::{with_bound_listens, Crashed};
 pub use setup::{
     balancer_bin, require_root, scratch_dir, two_or_more_cpus, unique_path, START_TIMEOUT,
 };
-pub use slots::{all_ready, pids, refusable_group, refusing_worker, sum, worker_pids};
+pub use slots::{
+    all_ready, pids, refusable_group, refusing_group, refusing_worker, sum, worker_pids,
+};
 
 pub use ::balancer::control::protocol::{
     ErrorKind, ErrorReply, PolicyName, PolicyReport, SlotState, SlotStatus, StatusReport,

@@ -52,7 +52,14 @@ pub fn refusing_worker(refuse_if: &str) -> PathBuf {
 /// are ready once the returned flag file exists. Returns (controller, flag, worker script).
 pub fn refusable_group() -> (Balancer, PathBuf, PathBuf) {
     let flag = unique_path("refuse.flag");
-    let script = refusing_worker(&format!("[ -e '{}' ]", flag.display()));
+    let (b, script) = refusing_group(&format!("[ -e '{}' ]", flag.display()));
+    (b, flag, script)
+}
+
+/// Two slots under `hash` whose workers run [`refusing_worker`]`(refuse_if)`. Returns
+/// (controller, worker script).
+pub fn refusing_group(refuse_if: &str) -> (Balancer, PathBuf) {
+    let script = refusing_worker(refuse_if);
     let b = Balancer::start(&[
         "--workers",
         "2",
@@ -61,5 +68,5 @@ pub fn refusable_group() -> (Balancer, PathBuf, PathBuf) {
         "--",
         script.to_str().unwrap(),
     ]);
-    (b, flag, script)
+    (b, script)
 }
