@@ -18,6 +18,8 @@ pub mod maps {
     pub const DEPTHS: &str = "DEPTHS";
     /// `PERCPU_ARRAY` of one `u32`: each CPU's round-robin position.
     pub const ROTATION: &str = "ROTATION";
+    /// `PERCPU_ARRAY` of one `u64`: when (`bpf_ktime_get_ns`) each CPU last logged.
+    pub const LOGGED_AT: &str = "LOGGED_AT";
 }
 
 /// Name of the select program in the eBPF object.
@@ -37,6 +39,9 @@ pub const HASH_BUCKETS: u32 = 1024;
 pub const CPU_TABLE_LEN: u32 = MAX_CPUS * CPU_FANOUT;
 /// How many other live slots the program tries when its first choice cannot be selected.
 pub const FALLBACK_TRIES: u32 = 8;
+/// The program logs at most one line per CPU per this many nanoseconds: a slot that cannot be
+/// selected fails every SYN steered to it, and the counters already count each one.
+pub const LOG_EVERY_NS: u64 = 1_000_000_000;
 /// Counter index for decisions that could not be attributed to any slot.
 pub const NO_SLOT: u32 = MAX_SLOTS;
 /// Entries of the counters map.
@@ -87,9 +92,14 @@ pub struct Config {
     /// With the cpu and hash policies: a first choice whose queue is at least this deep
     /// spills to the least loaded live slot. 0 turns spilling off.
     pub spill_depth: u32,
-    /// Keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// [`FLAG_REFUSE_NEW`] and any later bits; unknown bits are ignored.
+    pub flags: u32,
 }
+
+/// [`Config::flags`] bit: refuse every new connection (the controller is stopping and lets
+/// its workers drain what is queued). Connections migrating from a closing socket are still
+/// placed, so nothing already queued is lost.
+pub const FLAG_REFUSE_NEW: u32 = 1;
 
 /// One buffer of the steering tables. Every entry names a slot whose socket is in
 /// [`maps::SOCKETS`]; the controller rebuilds the whole buffer on every change and
@@ -129,6 +139,8 @@ pub struct SlotCounters {
     pub migrated: u64,
     /// `bpf_sk_select_reuseport` failed for this slot.
     pub select_error: u64,
+    /// New connections refused while the controller stopped (only on the unattributed entry).
+    pub refused: u64,
 }
 
 impl SlotCounters {
@@ -152,6 +164,7 @@ impl SlotCounters {
         self.fallback += other.fallback;
         self.migrated += other.migrated;
         self.select_error += other.select_error;
+        self.refused += other.refused;
     }
 }
 

@@ -7,8 +7,8 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use balancer_common::{
     Config, PolicyKind, SlotCounters, Tables, COUNTER_ENTRIES, CPU_FANOUT, CPU_TABLE_LEN,
-    FALLBACK_TRIES, HASH_BUCKETS, MAX_CPUS, MAX_SLOTS, NO_SLOT,
+    FALLBACK_TRIES, FLAG_REFUSE_NEW, HASH_BUCKETS, LOG_EVERY_NS, MAX_CPUS, MAX_SLOTS, NO_SLOT,
 };
 
 // The statics' identifiers are the map names; `balancer_common::maps` holds the same
@@ -39,6 +39,9 @@ static DEPTHS: Array<u32> = Array::with_max_entries(MAX_SLOTS, 0);
 #[map]
 static ROTATION: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+#[map]
+static LOGGED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[derive(Clone, Copy)]
 enum Path {
     Cpu,
@@ -49,6 +52,7 @@ enum Path {
     Fallback,
     Migrate,
     SelectError,
+    Refused,
 }
 
 // The migrate flavour (BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) is also run when a listening
@@ -56,11 +60,28 @@ enum Path {
 // longer name the closing slot, pick where each connection moves.
 #[sk_reuseport(migrate)]
 pub fn select_socket(ctx: SkReuseportContext) -> u32 {
+    if refusing(&ctx) {
+        // The kernel answers the SYN with a reset: the client learns at once that this
+        // server is going away (and retries elsewhere) instead of being queued on a socket
+        // that is about to close, where its connection would be reset after it sent data.
+        count(NO_SLOT, Path::Refused);
+        return SK_DROP;
+    }
     select(&ctx);
     // With a socket selected, SK_PASS hands the connection to it. Without one (every
     // selection failed, counted as select errors) the kernel picks by hash: a socket of
     // the group still gets it, which beats dropping the SYN.
     SK_PASS
+}
+
+/// Whether this is a new connection while the controller stops. A connection migrating
+/// from a closing socket was already accepted by the kernel: it is always placed.
+#[inline(always)]
+fn refusing(ctx: &SkReuseportContext) -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & FLAG_REFUSE_NEW != 0)
+        && ctx.migrating_sk().is_none()
 }
 
 /// The benchmark's overhead floor: a program that selects nothing, so the kernel's hash
@@ -140,10 +161,13 @@ fn select(ctx: &SkReuseportContext) {
         return;
     }
     count(slot, Path::SelectError);
-    warn!(
-        ctx,
-        "balancer: slot {} could not be selected; trying live slots", slot
-    );
+    if may_log() {
+        warn!(
+            ctx,
+            "balancer: slot {} could not be selected; trying live slots (logged at most once a second per CPU; SELECT-ERRORS counts each)",
+            slot
+        );
+    }
 
     for i in 0..FALLBACK_TRIES {
         if i >= n_live {
@@ -166,6 +190,23 @@ fn select(ctx: &SkReuseportContext) {
         }
         count(other, Path::SelectError);
     }
+}
+
+/// Whether this CPU may log now: at most once per [`LOG_EVERY_NS`], so that a failing slot
+/// (every SYN steered to it fails) cannot flood the log the controller reads.
+#[inline(always)]
+fn may_log() -> bool {
+    let Some(at) = LOGGED_AT.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Per-CPU entry, and the program runs with migration disabled: no other writer.
+    let at = unsafe { &mut *at };
+    if *at != 0 && now.wrapping_sub(*at) < LOG_EVERY_NS {
+        return false;
+    }
+    *at = now;
+    true
 }
 
 #[inline(always)]
@@ -212,6 +253,7 @@ fn count(slot: u32, path: Path) {
         Path::Fallback => c.fallback += 1,
         Path::Migrate => c.migrated += 1,
         Path::SelectError => c.select_error += 1,
+        Path::Refused => c.refused += 1,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod demo_worker;
 pub mod fd_store;
 pub mod group_state;
 pub mod handover;
+pub mod log_sink;
 pub mod metrics;
 pub mod notify;
 pub mod pidfd;

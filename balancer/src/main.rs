@@ -12,7 +12,7 @@ use balancer::{
     cli::{Cli, Command, ControlArgs, LogLevel, PolicyAction, PolicyArgs, RunArgs, WorkersCommand},
     control,
     control::{protocol::Request, server::ControlSocket},
-    demo_worker, handover, metrics, policy,
+    demo_worker, handover, log_sink, metrics, policy,
     policy::{build_tables, CpuLayout},
     privileges, report,
     service_manager::ServiceManager,
@@ -20,6 +20,9 @@ use balancer::{
     steering::Steering,
     supervisor::{self, SupervisorConfig},
 };
+
+/// How long the exit waits for queued log lines to be written.
+const LOG_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -37,7 +40,16 @@ fn main() -> ExitCode {
     }
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut flusher = None;
     if let Command::Run(args) = &cli.command {
+        // The controller must never wait for its log's reader (see `log_sink`).
+        match log_sink::non_blocking(std::io::stderr(), log_sink::CAPACITY) {
+            Ok((writer, f)) => {
+                logger.target(env_logger::Target::Pipe(Box::new(writer)));
+                flusher = Some(f);
+            }
+            Err(e) => eprintln!("balancer: logging straight to stderr (no log thread: {e})"),
+        }
         if let Some(level) = args.log_level {
             logger.filter_level(match level {
                 LogLevel::Error => log::LevelFilter::Error,
@@ -86,6 +98,11 @@ fn main() -> ExitCode {
         ),
         Command::ExecWorker { .. } => unreachable!("handled above"),
     };
+    if let Some(f) = flusher {
+        // The last lines (the shutdown's) are written before the exit, unless the output is
+        // stuck: then the exit does not wait for it.
+        f.flush(LOG_FLUSH_WAIT);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -42,6 +42,7 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
         "BY-RR",
         "BY-LL",
         "SPILLED",
+        "REFUSED",
     ]
     .map(str::to_owned)
     .to_vec()];
@@ -63,12 +64,13 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 c.by_round_robin.to_string(),
                 c.by_least_loaded.to_string(),
                 c.spilled.to_string(),
+                c.refused.to_string(),
             ]);
         }
         // Decisions the program could not charge to a slot; every column is filled so that a
         // script reading the table by position never meets a short row.
         let u = &a.unattributed;
-        if u.selected() + u.select_error > 0 {
+        if u.selected() + u.select_error + u.refused > 0 {
             rows.push(vec![
                 a.addr.to_string(),
                 "none".into(),
@@ -83,6 +85,7 @@ fn format_counters(counters: &[AddressCounters], slots: &[SlotView]) -> String {
                 u.by_round_robin.to_string(),
                 u.by_least_loaded.to_string(),
                 u.spilled.to_string(),
+                u.refused.to_string(),
             ]);
         }
     }
@@ -158,7 +161,8 @@ mod tests {
                 "0",
                 "0",
                 "0",
-                "2"
+                "2",
+                "0"
             ]
         );
     }

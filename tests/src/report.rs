@@ -5,7 +5,7 @@ use balancer::control::protocol::SlotState;
 use balancer_common::SlotCounters;
 
 /// The counters table's columns, as its header names them (`balancer/src/report.rs`).
-pub const COLUMNS: [&str; 13] = [
+pub const COLUMNS: [&str; 14] = [
     "ADDRESS",
     "SLOT",
     "PID",
@@ -19,6 +19,7 @@ pub const COLUMNS: [&str; 13] = [
     "BY-RR",
     "BY-LL",
     "SPILLED",
+    "REFUSED",
 ];
 
 /// One slot's row of the controller's counters table.
@@ -65,7 +66,7 @@ pub struct Report {
 }
 
 /// Parses the last counters table in `lines`, reading every column by its header name; `None`
-/// when `lines` hold no table. Panics, naming the line, on a header that is not the 13 known
+/// when `lines` hold no table. Panics, naming the line, on a header that is not the 14 known
 /// columns or on a row it cannot parse: a table the tests cannot read is a failure, never
 /// fewer rows.
 pub fn parse_report(lines: &[String]) -> Option<Report> {
@@ -115,6 +116,7 @@ pub fn parse_report(lines: &[String]) -> Option<Report> {
             fallback: num("FALLBACK"),
             migrated: num("MIGRATED"),
             select_error: num("SELECT-ERRORS"),
+            refused: num("REFUSED"),
         };
         let addr = parse_cell(line, "ADDRESS", cell("ADDRESS"));
         if cell("SLOT") == "none" {
@@ -168,15 +170,15 @@ mod tests {
         text.iter().map(|l| (*l).to_owned()).collect()
     }
 
-    const HEADER: &str = "ADDRESS     SLOT  PID  STATE    RESTARTS  BY-CPU  BY-HASH  FALLBACK  MIGRATED  SELECT-ERRORS  BY-RR  BY-LL  SPILLED";
+    const HEADER: &str = "ADDRESS     SLOT  PID  STATE    RESTARTS  BY-CPU  BY-HASH  FALLBACK  MIGRATED  SELECT-ERRORS  BY-RR  BY-LL  SPILLED  REFUSED";
 
     #[test]
     fn parses_every_column_of_a_slot_row() {
         let report = parse_report(&lines(&[
             "an older table, ignored",
             HEADER,
-            "127.0.0.1:1  0     -    stopped  2         5       6        7         1         8              9      10     11",
-            "127.0.0.1:1  1     42   backing-off  0     0       0        0         0         0              0      0      0",
+            "127.0.0.1:1  0     -    stopped  2         5       6        7         1         8              9      10     11       12",
+            "127.0.0.1:1  1     42   backing-off  0     0       0        0         0         0              0      0      0        0",
             "",
             "after the table",
         ]))
@@ -192,6 +194,7 @@ mod tests {
             fallback: 7,
             migrated: 1,
             select_error: 8,
+            refused: 12,
         };
         assert_eq!(
             report.rows[0],
@@ -214,8 +217,8 @@ mod tests {
     #[test]
     fn reads_columns_by_their_header_names() {
         let report = parse_report(&lines(&[
-            "SPILLED  BY-LL  BY-RR  SELECT-ERRORS  MIGRATED  FALLBACK  BY-HASH  BY-CPU  RESTARTS  STATE  PID  SLOT  ADDRESS",
-            "1        2      3      4              5         6         7        8       9         ready  77   3     [::1]:80",
+            "REFUSED  SPILLED  BY-LL  BY-RR  SELECT-ERRORS  MIGRATED  FALLBACK  BY-HASH  BY-CPU  RESTARTS  STATE  PID  SLOT  ADDRESS",
+            "0        1        2      3      4              5         6         7        8       9         ready  77   3     [::1]:80",
         ]))
         .unwrap();
         let r = &report.rows[0];
@@ -233,6 +236,7 @@ mod tests {
                 fallback: 6,
                 migrated: 5,
                 select_error: 4,
+                refused: 0,
             }
         );
     }
@@ -241,8 +245,8 @@ mod tests {
     fn the_unattributed_row_is_kept_apart() {
         let report = parse_report(&lines(&[
             HEADER,
-            "127.0.0.1:1  0     42   ready    0         3       0        0         0         0              0      0      0",
-            "127.0.0.1:1  none  -    -        -         1       2        0         0         4              0      0      0",
+            "127.0.0.1:1  0     42   ready    0         3       0        0         0         0              0      0      0        0",
+            "127.0.0.1:1  none  -    -        -         1       2        0         0         4              0      0      0        7",
             "",
         ]))
         .unwrap();
@@ -256,6 +260,7 @@ mod tests {
                     by_cpu: 1,
                     by_hash: 2,
                     select_error: 4,
+                    refused: 7,
                     ..Default::default()
                 },
             }]
@@ -284,7 +289,7 @@ mod tests {
     fn an_unknown_state_panics() {
         parse_report(&lines(&[
             HEADER,
-            "127.0.0.1:1  0  42  sleeping  0  5  6  7  1  8  0  0  0",
+            "127.0.0.1:1  0  42  sleeping  0  5  6  7  1  8  0  0  0  0",
         ]));
     }
 
@@ -293,7 +298,7 @@ mod tests {
     fn an_unattributed_row_with_a_pid_panics() {
         parse_report(&lines(&[
             HEADER,
-            "127.0.0.1:1  none  42  -  -  5  6  7  1  8  0  0  0",
+            "127.0.0.1:1  none  42  -  -  5  6  7  1  8  0  0  0  0",
         ]));
     }
 

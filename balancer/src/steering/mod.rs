@@ -16,7 +16,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use balancer_common::{maps, Config, PolicyKind, SlotCounters, Tables, NO_SLOT, PROGRAM_SELECT};
+use balancer_common::{
+    maps, Config, PolicyKind, SlotCounters, Tables, FLAG_REFUSE_NEW, NO_SLOT, PROGRAM_SELECT,
+};
 use log::warn;
 use tokio::io::unix::AsyncFd;
 
@@ -82,6 +84,8 @@ pub struct Steering {
     slots: u32,
     active: u32,
     switched_at: Option<Instant>,
+    /// [`Config::flags`] for every config written from now on.
+    flags: u32,
 }
 
 impl Steering {
@@ -164,6 +168,7 @@ impl Steering {
             slots,
             active: 1,
             switched_at: None,
+            flags: 0,
         };
         // An adopted socket is still in the dead controller's socket array (a socket can be in
         // one at a time), which lives as long as the old program: it goes in after ours is
@@ -239,7 +244,7 @@ impl Steering {
             policy: policy as u32,
             active: next,
             spill_depth,
-            _pad: 0,
+            flags: self.flags,
         };
         for i in &mut self.instances {
             i.config
@@ -251,6 +256,26 @@ impl Steering {
         }
         self.active = next;
         self.switched_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// From now on the program refuses every new connection (it still places connections
+    /// migrating from a closing socket): the controller is stopping.
+    pub fn refuse_new(&mut self) -> Result<(), SteeringError> {
+        self.flags |= FLAG_REFUSE_NEW;
+        for i in &mut self.instances {
+            let mut config = i.config.get(&0, 0).map_err(|source| SteeringError::Map {
+                what: format!("reading the config ({})", i.addr),
+                source,
+            })?;
+            config.flags = self.flags;
+            i.config
+                .set(0, config, 0)
+                .map_err(|source| SteeringError::Map {
+                    what: format!("refusing new connections ({})", i.addr),
+                    source,
+                })?;
+        }
         Ok(())
     }
 

@@ -189,8 +189,9 @@ async fn forward_stop(
     }
 }
 
-/// SIGTERM to every worker, SIGKILL after the grace, then waits for the exits (at most
-/// [`REAP_WAIT`] more) and detaches the program.
+/// New connections refused, the queues drained (for up to the grace), then SIGTERM to every
+/// worker, SIGKILL after the grace, then waits for the exits (at most [`REAP_WAIT`] more) and
+/// detaches the program.
 async fn shutdown(
     sup: &mut Supervisor<RealHost>,
     rx: &mut mpsc::UnboundedReceiver<Event>,
@@ -198,6 +199,8 @@ async fn shutdown(
 ) {
     sup.begin_shutdown();
     let grace = sup.grace();
+    drain(sup, rx, chld, grace).await;
+    sup.stop_workers();
     let deadline = tokio::time::Instant::now() + grace;
     let mut killed = false;
     while sup.workers_left() {
@@ -228,4 +231,44 @@ async fn shutdown(
     sup.finish_shutdown();
     // Stopped on purpose: there is nothing for a successor to adopt.
     sup.host_mut().forget_record();
+}
+
+/// Lets the workers accept what is queued while the program refuses new connections, until
+/// every queue is empty or `grace` has passed.
+async fn drain(
+    sup: &mut Supervisor<RealHost>,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    chld: &mut tokio::signal::unix::Signal,
+    grace: Duration,
+) {
+    let every = sup.sample_interval();
+    let start = tokio::time::Instant::now();
+    // The first sample comes one interval after the switch: a SYN that a program run read
+    // the old config for has been queued by then, and is waited for.
+    let mut tick = tokio::time::interval_at(start + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => if sup.drained() {
+                info!("queues drained in {}: stopping workers",
+                    humantime::format_duration(super::lifecycle::round_ms(start.elapsed())));
+                return;
+            },
+            _ = chld.recv() => {
+                for event in sup.host_mut().reap() {
+                    sup.handle(event).await;
+                }
+            }
+            Some(event) = rx.recv() => {
+                if let Event::Exited { .. } = event {
+                    sup.handle(event).await;
+                }
+            }
+            _ = tokio::time::sleep_until(start + grace) => {
+                warn!("queues not drained after the {} grace: stopping workers anyway",
+                    humantime::format_duration(grace));
+                return;
+            }
+        }
+    }
 }

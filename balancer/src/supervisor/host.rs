@@ -221,6 +221,10 @@ pub trait Host {
     /// Prints the counters table.
     fn print_counters(&mut self, slots: &[SlotView]);
 
+    /// Makes the program refuse every new connection (shutdown: what is queued drains, nothing
+    /// new queues on sockets about to close).
+    fn refuse_new(&mut self) -> Result<(), HostError>;
+
     /// Detaches the program before the sockets close (shutdown).
     fn detach(&mut self);
 }

@@ -513,6 +513,10 @@ impl Host for RealHost {
         }
     }
 
+    fn refuse_new(&mut self) -> Result<(), HostError> {
+        self.steering.refuse_new().map_err(HostError::Steering)
+    }
+
     fn detach(&mut self) {
         self.steering.detach(&self.group);
     }

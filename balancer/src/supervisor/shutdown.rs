@@ -1,6 +1,12 @@
 //! Deliberate shutdown (SIGTERM, SIGINT): no more respawns, the pending operation answered,
+//! new connections refused while the workers drain what is queued (for up to the grace), then
 //! every worker — retiring ones included — told to stop, SIGKILL after the grace, then the
 //! program detached and the final counters printed. The event loop does the waiting.
+//!
+//! The drain is what keeps a stop from costing connections: the controller holds every
+//! socket, so anything still queued when it exits is reset, and a worker told to stop first
+//! would stop accepting while its queue kept filling.
+use log::error;
 use nix::sys::signal::Signal;
 
 use super::{
@@ -11,7 +17,9 @@ use super::{
 use crate::control::protocol::{ErrorKind, ErrorReply};
 
 impl<H: Host> Supervisor<H> {
-    /// Stops respawning, answers the pending operation and sends SIGTERM to every worker.
+    /// Stops respawning, answers the pending operation and has the program refuse new
+    /// connections; the workers keep accepting what is queued ([`Supervisor::drained`]) until
+    /// [`Supervisor::stop_workers`].
     pub fn begin_shutdown(&mut self) {
         self.phase = Phase::Stopping;
         if let Some(op) = self.op.take() {
@@ -26,8 +34,24 @@ impl<H: Host> Supervisor<H> {
             }
         }
         self.host.tell_manager("STOPPING=1");
-        self.signal_all(Signal::SIGTERM);
+        if let Err(e) = self.host.refuse_new() {
+            error!("cannot refuse new connections while the workers drain: {e}; new connections still queue until the sockets close");
+        }
         self.tell_manager_status();
+    }
+
+    /// Whether every slot's worker has accepted everything queued on its socket (sampled now).
+    /// A slot without a running worker has no one to drain it and is not waited for.
+    pub fn drained(&mut self) -> bool {
+        let depths = self.host.sample_queues();
+        self.slots.iter().enumerate().all(|(i, s)| {
+            s.current().is_none() || depths.iter().filter_map(|a| a.get(i)).all(|d| *d == 0)
+        })
+    }
+
+    /// SIGTERM to every worker (after the drain).
+    pub fn stop_workers(&mut self) {
+        self.signal_all(Signal::SIGTERM);
     }
 
     /// SIGKILL to every worker still running after the grace.
@@ -38,6 +62,11 @@ impl<H: Host> Supervisor<H> {
     /// The SIGTERM → SIGKILL grace.
     pub fn grace(&self) -> std::time::Duration {
         self.settings.grace
+    }
+
+    /// How often queues are sampled (the drain's pace).
+    pub fn sample_interval(&self) -> std::time::Duration {
+        self.settings.sample_interval
     }
 
     /// Whether any worker still runs.

@@ -60,6 +60,7 @@ pub enum Call {
     Repin(Vec<Repin>),
     Announce(String),
     PrintCounters(Vec<SlotView>),
+    RefuseNew,
     Detach,
 }
 
@@ -330,6 +331,11 @@ impl Host for FakeHost {
 
     fn print_counters(&mut self, slots: &[SlotView]) {
         self.calls.push(Call::PrintCounters(slots.to_vec()));
+    }
+
+    fn refuse_new(&mut self) -> Result<(), HostError> {
+        self.calls.push(Call::RefuseNew);
+        Ok(())
     }
 
     fn detach(&mut self) {

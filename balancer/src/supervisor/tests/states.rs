@@ -161,6 +161,9 @@ async fn shutdown_answers_the_pending_operation_and_signals_every_worker() {
         error_kind(&answered(&mut pending_restart)),
         ErrorKind::Failed
     );
+    // New connections are refused first; the workers keep accepting what is queued.
+    assert_eq!(sup.host().calls, [Call::RefuseNew]);
+    sup.stop_workers();
     let mut termed: Vec<u32> = sup
         .host()
         .signals()
@@ -349,4 +352,29 @@ async fn a_crash_looping_slot_does_not_hold_its_queue_through_the_backoff() {
     sample_for(&mut s, &[3, 0], 5).await;
     sample_for(&mut s, &[2, 0], 5).await;
     assert_eq!(count(&s, |c| matches!(c, Call::Evacuate { .. })), 0);
+}
+
+#[tokio::test]
+async fn a_stop_waits_for_the_queues_of_running_workers_only() {
+    let mut sup = ready(2).await;
+    let p0 = pid(&sup, 0);
+    sup.host_mut().take_calls();
+    sup.host_mut().depths = vec![3, 1];
+    sup.begin_shutdown();
+    assert!(!sup.drained(), "both workers still have connections queued");
+    sup.host_mut().depths = vec![3, 0];
+    assert!(!sup.drained(), "slot 0's worker still has 3 to accept");
+    assert!(
+        sup.host().signals().is_empty(),
+        "no worker is told to stop while it drains: {:?}",
+        sup.host().calls
+    );
+    // Slot 0's worker dies: no one will accept its queue, and no one is respawned to.
+    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    assert!(sup.drained());
+    assert!(!sup
+        .host()
+        .calls
+        .iter()
+        .any(|c| matches!(c, Call::Spawn { .. })));
 }
