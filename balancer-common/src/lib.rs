@@ -27,6 +27,10 @@ pub const PROGRAM_SELECT: &str = "select_socket";
 /// Name of the do-nothing program (the benchmark's overhead floor) in the eBPF object.
 pub const PROGRAM_PASS: &str = "pass_only";
 
+/// Value size of the [`maps::SOCKETS`] array: with 8 bytes (not the 4 of a socket fd) the
+/// kernel returns each socket's cookie to user-space lookups, so the controller can verify
+/// that a slot still holds its socket.
+pub const SOCKET_VALUE_SIZE: u32 = 8;
 /// Most worker slots a group can have: the size of the socket array.
 pub const MAX_SLOTS: u32 = 128;
 /// CPU ids the CPU table covers; a SYN processed on a higher CPU is steered by flow hash.

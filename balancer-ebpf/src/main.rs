@@ -6,23 +6,70 @@
 #![no_std]
 #![no_main]
 
+use core::cell::UnsafeCell;
+
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    bindings::{
+        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_sk_select_reuseport,
+    },
     macros::{map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
+    maps::{Array, PerCpuArray},
     programs::SkReuseportContext,
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use balancer_common::{
     Config, PolicyKind, SlotCounters, Tables, COUNTER_ENTRIES, CPU_FANOUT, CPU_TABLE_LEN,
     FALLBACK_TRIES, FLAG_REFUSE_NEW, HASH_BUCKETS, LOG_EVERY_NS, MAX_CPUS, MAX_SLOTS, NO_SLOT,
+    SOCKET_VALUE_SIZE,
 };
 
 // The statics' identifiers are the map names; `balancer_common::maps` holds the same
 // names for the controller, which refuses an object that lacks any of them.
-#[map]
-static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SLOTS, 0);
+/// A `REUSEPORT_SOCKARRAY` with 8-byte values ([`SOCKET_VALUE_SIZE`]): aya-ebpf's type has
+/// 4, and only with 8 does the kernel tell user space which socket (its cookie) an entry holds.
+#[repr(transparent)]
+struct SockArray(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the kernel owns the map; the program only passes its address to a helper.
+unsafe impl Sync for SockArray {}
+
+impl SockArray {
+    #[inline(always)]
+    fn select_reuseport(&self, ctx: &SkReuseportContext, slot: u32) -> Result<(), i64> {
+        let mut key = slot;
+        // SAFETY: a map definition the loader relocates, a live key, the program's context.
+        let r = unsafe {
+            bpf_sk_select_reuseport(
+                ctx.as_ptr().cast(),
+                self.0.get().cast(),
+                core::ptr::addr_of_mut!(key).cast(),
+                0,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(r)
+        }
+    }
+}
+
+#[link_section = "maps"]
+#[export_name = "SOCKETS"]
+static SOCKETS: SockArray = SockArray(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+    key_size: 4,
+    value_size: SOCKET_VALUE_SIZE,
+    max_entries: MAX_SLOTS,
+    map_flags: 0,
+    id: 0,
+    pinning: 0,
+}));
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -244,6 +244,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub evacuate: bool,
 
+    /// How often every slot's socket is checked: still listening (a worker may `shutdown` it)
+    /// and still in the program's socket array; what is not is repaired and logged, and the
+    /// program is attached again (a worker may attach its own). 0 turns the check off.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    pub socket_check: Duration,
+
     /// Kill (and respawn) a worker whose slot stays stalled this long [default: never].
     #[arg(long, value_name = "DUR", value_parser = parse_positive_duration)]
     pub kill_stalled: Option<Duration>,

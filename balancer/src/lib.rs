@@ -9,6 +9,7 @@ pub mod control;
 pub mod credentials;
 pub mod demo_worker;
 pub mod fd_store;
+pub mod group_repair;
 pub mod group_state;
 pub mod handover;
 pub mod log_sink;

@@ -317,6 +317,7 @@ fn run_group(
                 stall_timeout: args.stall_timeout,
                 evacuate: args.evacuate,
                 kill_stalled: args.kill_stalled,
+                socket_check: args.socket_check,
             },
             prepared.group,
             steering,

@@ -175,17 +175,76 @@ impl SocketGroup {
 
     /// Empties `slot`'s accept queues into the rest of the group: `shutdown(SHUT_RD)` stops
     /// the listener, and the kernel hands every queued connection to the `sk_reuseport/migrate`
-    /// program, which picks a live slot; `listen` then puts the same socket (still open in the
-    /// worker) back into the group. The caller must publish it in the socket arrays again.
-    pub fn evacuate(&self, slot: u32) -> io::Result<()> {
-        for a in &self.addresses {
-            let Some(s) = a.sockets.get(slot as usize) else {
-                continue;
-            };
-            s.shutdown(std::net::Shutdown::Read)?;
-            s.listen(self.backlog.min(i32::MAX as u32) as i32)?;
+    /// program, which picks a live slot; then [`SocketGroup::relisten`] puts the socket back
+    /// into the group. The caller must publish it in the socket arrays again. Every address
+    /// is tried, whatever happened to the others: the outcome is per address.
+    pub fn evacuate(&mut self, slot: u32) -> Vec<(SocketAddr, io::Result<Relisten>)> {
+        (0..self.addresses.len())
+            .filter_map(|n| {
+                let a = &self.addresses[n];
+                let s = a.sockets.get(slot as usize)?;
+                let addr = a.addr;
+                let outcome = s
+                    .shutdown(std::net::Shutdown::Read)
+                    .and_then(|()| self.relisten(n, slot));
+                Some((addr, outcome))
+            })
+            .collect()
+    }
+
+    /// Makes slot `slot`'s socket of address `n` listen again (after an evacuation, or after
+    /// a worker shut it down): the same socket, still open in the worker, when `listen`
+    /// works; otherwise a new socket takes its place in the group, and the worker's copy of
+    /// the old one is dead until it is restarted.
+    pub fn relisten(&mut self, n: usize, slot: u32) -> io::Result<Relisten> {
+        let backlog = self.backlog;
+        let Some(a) = self.addresses.get_mut(n) else {
+            return Err(io::Error::other(format!("no listen address #{n}")));
+        };
+        let Some(s) = a.sockets.get_mut(slot as usize) else {
+            return Err(io::Error::other(format!("{}: no slot {slot}", a.addr)));
+        };
+        let Err(listen) = s.listen(backlog.min(i32::MAX as u32) as i32) else {
+            return Ok(Relisten::Same);
+        };
+        self.replace(n, slot).map_err(|e| {
+            io::Error::other(format!(
+                "listen failed ({listen}), and so did a new socket in its place: {e}"
+            ))
+        })?;
+        Ok(Relisten::Recreated)
+    }
+
+    /// Puts a new listening socket in the place of slot `slot`'s socket of address `n`; the
+    /// old one closes once its worker lets it go.
+    pub fn replace(&mut self, n: usize, slot: u32) -> io::Result<()> {
+        let backlog = self.backlog;
+        let Some(a) = self.addresses.get_mut(n) else {
+            return Err(io::Error::other(format!("no listen address #{n}")));
+        };
+        let mut fresh = Vec::with_capacity(1);
+        bind_sockets(a.addr, &mut fresh, 1, backlog).map_err(io::Error::other)?;
+        match (a.sockets.get_mut(slot as usize), fresh.pop()) {
+            (Some(s), Some(new)) => {
+                *s = new;
+                Ok(())
+            }
+            _ => Err(io::Error::other(format!("{}: no slot {slot}", a.addr))),
         }
-        Ok(())
+    }
+
+    /// The sockets that are no longer listening (a worker shut one down, say), as
+    /// (address index, slot).
+    pub fn not_listening(&self) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for (n, a) in self.addresses.iter().enumerate() {
+            for (slot, s) in (0u32..).zip(&a.sockets) {
+                if tcp_info(s).is_ok_and(|i| i.tcpi_state != TCP_LISTEN) {
+                    out.push((n, slot));
+                }
+            }
+        }
+        out
     }
 
     /// The sockets of `slot`, one per address, in address order.
@@ -268,9 +327,25 @@ fn bound_socket(asked: SocketAddr, addr: SocketAddr) -> Result<Socket, SocketGro
     Ok(socket)
 }
 
+/// How [`SocketGroup::relisten`] put a slot's socket back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relisten {
+    /// The same socket listens again.
+    Same,
+    /// A new socket took its place: the slot's worker must be restarted to get it.
+    Recreated,
+}
+
+/// `TCP_LISTEN` of the kernel's TCP states (`tcpi_state`).
+const TCP_LISTEN: u8 = 10;
+
 /// The accept-queue length of a listening socket: `tcpi_unacked` of `TCP_INFO` is the number
 /// of established connections not yet accepted.
 pub fn accept_queue_len(socket: &Socket) -> io::Result<u32> {
+    Ok(tcp_info(socket)?.tcpi_unacked)
+}
+
+fn tcp_info(socket: &Socket) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain data; zeroed is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -287,7 +362,7 @@ pub fn accept_queue_len(socket: &Socket) -> io::Result<u32> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_unacked)
+    Ok(info)
 }
 
 /// A same-user process with SO_REUSEPORT could already listen here; binding then joins its
@@ -329,4 +404,40 @@ fn check_no_foreign_members(
 fn inode(socket: &Socket) -> io::Result<u64> {
     let st = nix::sys::stat::fstat(socket).map_err(io::Error::from)?;
     Ok(st.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group() -> SocketGroup {
+        SocketGroup::bind(&["127.0.0.1:0".parse().unwrap()], 2, 16, &[]).unwrap()
+    }
+
+    #[test]
+    fn a_socket_shut_down_listens_again_as_itself() {
+        let mut g = group();
+        let before = inode(&g.addresses[0].sockets[1]).unwrap();
+        g.addresses[0].sockets[1]
+            .shutdown(std::net::Shutdown::Read)
+            .unwrap();
+        assert_eq!(g.not_listening(), [(0, 1)]);
+        assert_eq!(g.relisten(0, 1).unwrap(), Relisten::Same);
+        assert!(g.not_listening().is_empty());
+        assert_eq!(inode(&g.addresses[0].sockets[1]).unwrap(), before);
+    }
+
+    #[test]
+    fn a_replaced_socket_is_new_and_listens_on_the_same_address() {
+        let mut g = group();
+        let addr = g.addresses[0].addr;
+        let before = inode(&g.addresses[0].sockets[1]).unwrap();
+        g.replace(0, 1).unwrap();
+        let s = &g.addresses[0].sockets[1];
+        assert_ne!(inode(s).unwrap(), before);
+        assert_eq!(s.local_addr().unwrap().as_socket(), Some(addr));
+        assert!(g.not_listening().is_empty());
+        assert!(g.replace(0, 2).is_err(), "no slot 2");
+        assert!(g.replace(1, 0).is_err(), "no address #1");
+    }
 }

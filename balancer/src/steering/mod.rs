@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues},
     programs::{ProgramError, SkReuseport},
     Ebpf, EbpfLoader,
 };
@@ -26,12 +26,14 @@ use crate::socket_group::SocketGroup;
 
 mod errors;
 mod pins;
+mod sock_array;
 mod sockets;
 
 pub use errors::SteeringError;
 use errors::{classify_ebpf, classify_program};
 use pins::{address_dir, pin_error, pin_maps};
 pub use pins::{pinned_counters, unpin_addresses};
+pub use sock_array::{socket_cookie, SockArray};
 
 /// The object `cargo xtask build` compiled; empty in a plain `cargo build`.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/balancer.bpf.o"));
@@ -50,7 +52,7 @@ struct Instance {
     addr: SocketAddr,
     // Held so the program lives as long as the group.
     ebpf: Ebpf,
-    sockets: ReusePortSockArray<MapData>,
+    sockets: SockArray,
     config: Array<MapData, Config>,
     depths: Array<MapData, u32>,
     /// What `depths` holds, so that unchanged values are not written again.
@@ -126,9 +128,8 @@ impl Steering {
                 let what = format!("{what} ({})", address.addr);
                 move |source| SteeringError::Map { what, source }
             };
-            let sockets: ReusePortSockArray<MapData> = take(&mut ebpf, maps::SOCKETS)?
-                .try_into()
-                .map_err(map_err("socket array"))?;
+            let sockets =
+                SockArray::new(take(&mut ebpf, maps::SOCKETS)?).map_err(map_err("socket array"))?;
             let config = take(&mut ebpf, maps::CONFIG)?
                 .try_into()
                 .map_err(map_err("config map"))?;

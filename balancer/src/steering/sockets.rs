@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 
-use super::{errors::io_errno, Steering, SteeringError, HELD_WAIT};
+use super::{errors::io_errno, sock_array::socket_cookie, Steering, SteeringError, HELD_WAIT};
 use crate::socket_group::SocketGroup;
 
 impl Steering {
@@ -24,7 +24,7 @@ impl Steering {
     }
 
     /// Puts slot `slot`'s socket of address `n` into that address's socket array.
-    fn set_socket(
+    pub fn set_socket(
         &mut self,
         group: &SocketGroup,
         n: usize,
@@ -37,11 +37,37 @@ impl Steering {
             return Ok(());
         };
         i.sockets
-            .set(slot, socket, 0)
+            .set(slot, socket)
             .map_err(|source| SteeringError::Map {
                 what: format!("publishing slot {slot}'s socket ({})", i.addr),
                 source,
             })
+    }
+
+    /// The sockets the socket arrays do not hold, as (address index, slot): the entry is
+    /// empty or names another socket (compared by cookie). A socket whose cookie cannot be
+    /// read is not reported.
+    pub fn unpublished(&self, group: &SocketGroup) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for (n, (i, address)) in self.instances.iter().zip(&group.addresses).enumerate() {
+            for (slot, socket) in (0..self.slots).zip(&address.sockets) {
+                let Ok(ours) = socket_cookie(socket) else {
+                    continue;
+                };
+                match i.sockets.cookie(slot) {
+                    Ok(held) if held == Some(ours) => {}
+                    Ok(_) => out.push((n, slot)),
+                    Err(e) => warn!("reading slot {slot}'s socket array entry ({}): {e}", i.addr),
+                }
+            }
+        }
+        out
+    }
+
+    /// Attaches this program again to every address's group: a socket's owner may have
+    /// attached another, and the kernel offers no way to read which one a group runs.
+    pub fn reattach(&mut self, group: &SocketGroup) -> Result<(), SteeringError> {
+        self.attach_all(group)
     }
 
     /// Publishes the sockets of slots `self.slots..slots` (after the group grew).

@@ -11,6 +11,7 @@ use super::{
     settings::Steer,
     slot::{Generation, TimerToken},
 };
+pub use crate::group_repair::{Evacuation, RepairOutcome, SocketFault, SocketRepair};
 use crate::{
     report::SlotView, socket_group::SocketGroupError, steering::AddressCounters,
     steering::SteeringError,
@@ -194,8 +195,13 @@ pub trait Host {
     fn shrink(&mut self, to: u32);
 
     /// Moves what is queued on `slot` to the live slots, then puts its socket back into the
-    /// group and the socket arrays.
-    fn evacuate(&mut self, slot: u32) -> Result<(), HostError>;
+    /// group and the socket arrays (a new socket where the old one cannot listen again).
+    fn evacuate(&mut self, slot: u32) -> Result<Evacuation, HostError>;
+
+    /// Checks that every socket of the group still listens and is still in the program's
+    /// socket array, repairs what is not, and attaches the program again (the kernel cannot
+    /// tell which program a group runs, and any socket's owner may attach another).
+    fn check_sockets(&mut self) -> Vec<SocketRepair>;
 
     /// Samples every accept queue (`[address][slot]`) and hands the depths to the program.
     fn sample_queues(&mut self) -> Vec<Vec<u32>>;

@@ -42,6 +42,10 @@ pub struct Supervisor<H: Host> {
     pub(super) depths: Vec<u32>,
     /// The last `STATUS=` the service manager was told (sent again only when it changes).
     pub(super) manager_status: String,
+    /// When the group's sockets are next checked (see `socket_check`).
+    pub(super) next_socket_check: Option<Instant>,
+    /// Slots whose worker holds a socket the group replaced: each gets a rolling restart.
+    pub(super) stale: std::collections::BTreeSet<u32>,
 }
 
 impl<H: Host> Supervisor<H> {
@@ -62,6 +66,8 @@ impl<H: Host> Supervisor<H> {
             sampling_spent: Duration::ZERO,
             depths: Vec::new(),
             manager_status: String::new(),
+            next_socket_check: None,
+            stale: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ mod sampling;
 pub mod settings;
 mod shutdown;
 pub mod slot;
+mod socket_check;
 pub mod upgrade;
 mod views;
 

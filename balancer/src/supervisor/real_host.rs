@@ -25,13 +25,16 @@ use tokio::{
 };
 
 use super::{
-    host::{Event, Host, HostError, Publish, Repin, SlotSnapshot, Timer, WorkerExit},
+    host::{
+        Evacuation, Event, Host, HostError, Publish, RepairOutcome, Repin, SlotSnapshot,
+        SocketRepair, Timer, WorkerExit,
+    },
     settings::Steer,
     slot::Generation,
 };
 use crate::{
     activation::{self, WorkerLaunch},
-    affinity, fd_store,
+    affinity, fd_store, group_repair,
     group_state::{self, GroupRecord, ProcessId, SlotRecord, WorkerRecord, RECORD_VERSION},
     handover::SocketFd,
     policy::CpuLayout,
@@ -228,6 +231,12 @@ impl RealHost {
             .map_err(HostError::Steering)
     }
 
+    /// A slot's sockets changed (one was recreated): the descriptor store gets the new ones.
+    fn restore_sockets(&mut self, slot: u32) {
+        self.unstore_sockets(slot..slot + 1);
+        self.store_sockets(slot..slot + 1);
+    }
+
     /// Removes the group's record: a deliberate shutdown leaves nothing to adopt.
     pub fn forget_record(&mut self) {
         GroupRecord::remove(&self.record_dir);
@@ -419,11 +428,31 @@ impl Host for RealHost {
         self.steering.remove_slots(to);
     }
 
-    fn evacuate(&mut self, slot: u32) -> Result<(), HostError> {
-        self.group.evacuate(slot).map_err(HostError::Evacuate)?;
-        self.steering
-            .publish_sockets(&self.group, slot..slot + 1)
-            .map_err(HostError::Steering)
+    fn evacuate(&mut self, slot: u32) -> Result<Evacuation, HostError> {
+        let evacuation = group_repair::evacuate(&mut self.group, &mut self.steering, slot);
+        if evacuation.recreated {
+            self.restore_sockets(slot);
+        }
+        Ok(evacuation)
+    }
+
+    fn check_sockets(&mut self) -> Vec<SocketRepair> {
+        if self.handing_over() {
+            // The old controller's arrays still hold the sockets, and its program may still
+            // be attached: nothing here is ours to repair yet.
+            return Vec::new();
+        }
+        let repairs = group_repair::check(&mut self.group, &mut self.steering);
+        let mut recreated: Vec<u32> = repairs
+            .iter()
+            .filter(|r| r.outcome == RepairOutcome::Recreated)
+            .map(|r| r.slot)
+            .collect();
+        recreated.dedup();
+        for slot in recreated {
+            self.restore_sockets(slot);
+        }
+        repairs
     }
 
     fn sample_queues(&mut self) -> Vec<Vec<u32>> {

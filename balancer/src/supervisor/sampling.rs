@@ -64,6 +64,11 @@ impl<H: Host> Supervisor<H> {
                 self.evacuate(slot);
             }
         }
+        let every = self.settings.socket_check;
+        if !every.is_zero() && self.next_socket_check.is_none_or(|at| now >= at) {
+            self.next_socket_check = Some(now + every);
+            self.check_sockets();
+        }
     }
 
     /// Slots that have had no ready worker for the stall timeout (a worker that keeps
@@ -98,9 +103,22 @@ impl<H: Host> Supervisor<H> {
             return;
         }
         let before = self.migrated_total();
-        if let Err(e) = self.host.evacuate(slot) {
-            error!("slot {slot}: evacuating its queue failed: {e}");
-            return;
+        let evacuation = match self.host.evacuate(slot) {
+            Ok(evacuation) => evacuation,
+            Err(e) => {
+                error!("slot {slot}: evacuating its queue failed: {e}");
+                return;
+            }
+        };
+        for failed in &evacuation.failed {
+            error!(
+                "slot {slot}: after its evacuation, its socket is not listening again: {failed}"
+            );
+        }
+        if evacuation.recreated {
+            warn!("slot {slot}: a socket could not listen again after its evacuation: a new one took its place; restarting the slot's worker to hand it over");
+            self.stale.insert(slot);
+            self.restart_stale();
         }
         let now = self.host.now();
         self.slots[slot as usize].stall.evacuated(now);

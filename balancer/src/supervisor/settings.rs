@@ -36,6 +36,8 @@ pub struct SupervisorConfig {
     pub evacuate: bool,
     /// Kill workers stalled this long.
     pub kill_stalled: Option<Duration>,
+    /// How often the sockets are checked and repaired (zero: never).
+    pub socket_check: Duration,
     /// Where the group's record is kept for a successor controller.
     pub record_dir: PathBuf,
     /// What a dead controller left: per slot, its worker (if adopted), drain and restarts;
@@ -98,6 +100,8 @@ pub struct Settings {
     pub evacuate: bool,
     /// Kill workers stalled this long.
     pub kill_stalled: Option<Duration>,
+    /// How often the sockets are checked and repaired (zero: never).
+    pub socket_check: Duration,
 }
 
 impl Settings {
@@ -143,6 +147,7 @@ impl SupervisorConfig {
                 stall_timeout: self.stall_timeout,
                 evacuate: self.evacuate,
                 kill_stalled: self.kill_stalled,
+                socket_check: self.socket_check,
             },
             Steer {
                 policy: self.policy,

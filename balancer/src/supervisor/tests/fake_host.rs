@@ -13,7 +13,10 @@ use crate::{
     report::SlotView,
     steering::AddressCounters,
     supervisor::{
-        host::{Event, Host, HostError, Publish, Repin, SlotSnapshot, Timer, WorkerExit},
+        host::{
+            Evacuation, Event, Host, HostError, Publish, Repin, SlotSnapshot, SocketRepair, Timer,
+            WorkerExit,
+        },
         settings::Steer,
         slot::Generation,
     },
@@ -98,6 +101,12 @@ pub struct FakeHost {
     pub manager: Vec<String>,
     /// How many queued connections the next shrink migrates (closing sockets moves them).
     pub migrate_on_shrink: u64,
+    /// What every evacuation reports.
+    pub evacuation: Evacuation,
+    /// What the next socket check finds (then nothing).
+    pub socket_faults: Vec<SocketRepair>,
+    /// Socket checks so far.
+    pub socket_checks: u32,
     next_pid: u32,
 }
 
@@ -113,6 +122,9 @@ impl FakeHost {
             depths: vec![0; slots as usize],
             migrated: 0,
             migrate_on_shrink: 0,
+            evacuation: Evacuation::default(),
+            socket_faults: Vec::new(),
+            socket_checks: 0,
             manager: Vec::new(),
             record: Vec::new(),
             stored: Default::default(),
@@ -283,13 +295,18 @@ impl Host for FakeHost {
         self.migrated += std::mem::take(&mut self.migrate_on_shrink);
     }
 
-    fn evacuate(&mut self, slot: u32) -> Result<(), HostError> {
+    fn evacuate(&mut self, slot: u32) -> Result<Evacuation, HostError> {
         self.calls.push(Call::Evacuate { slot });
         // The queue moves to the live slots.
         if let Some(d) = self.depths.get_mut(slot as usize) {
             *d = 0;
         }
-        Ok(())
+        Ok(self.evacuation.clone())
+    }
+
+    fn check_sockets(&mut self) -> Vec<SocketRepair> {
+        self.socket_checks += 1;
+        std::mem::take(&mut self.socket_faults)
     }
 
     fn sample_queues(&mut self) -> Vec<Vec<u32>> {

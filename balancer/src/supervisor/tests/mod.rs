@@ -5,6 +5,7 @@ mod adoption;
 mod fake_host;
 mod lifecycle;
 mod operations;
+mod sockets;
 mod states;
 
 use std::time::Duration;
@@ -39,6 +40,7 @@ fn settings() -> Settings {
         stall_timeout: STALL_TIMEOUT,
         evacuate: true,
         kill_stalled: None,
+        socket_check: Duration::from_secs(1),
     }
 }
 
