@@ -76,9 +76,19 @@ fn scale_down_under_load_moves_queued_connections_and_loses_none() {
         "{out}"
     );
     assert_eq!(sum(&status, |s| s.select_errors), 0, "{status:?}");
+    let per_slot: Vec<u64> = status.slots.iter().map(|s| s.migrated).collect();
     println!(
-        "scale 4 -> 2: {} connections, 0 lost, {queued_before} queued on the removed slots at the start, {migrated} migrated",
+        "scale 4 -> 2: {} connections, 0 lost, {queued_before} queued on the removed slots at the start, {migrated} migrated, per live slot {per_slot:?}",
         answers.len()
+    );
+    // Spread over both live slots, though the migrating connections' own hashes are the ones
+    // that put them on the removed slots, and every queue is past the spill depth: each live
+    // slot gets a fair draw. Fewer than a quarter of n for either slot has probability
+    // 2 × P(Bin(n, 1/2) < n/4), under 3.1e-4 for n ≥ 50 (typically n ≈ 200 here: 1e-12).
+    assert!(migrated >= 50, "{status:?}");
+    assert!(
+        per_slot.iter().all(|m| m * 4 >= migrated),
+        "the migrated connections piled onto one slot: {per_slot:?}"
     );
 }
 

@@ -148,12 +148,21 @@ fn select(ctx: &SkReuseportContext) {
         count(NO_SLOT, Path::SelectError);
         return;
     };
-    let hash = ctx.hash();
-    let cpu = unsafe { bpf_get_smp_processor_id() };
     let migrating = ctx.migrating_sk().is_some();
+    // A migrating socket's hash is its 4-tuple's, the very hash that steered its SYN (for a
+    // request socket and an accepted child alike): under the hash policy every connection of
+    // a removed slot has bucket bits that the new table gives to the same slot (the last one).
+    // A random draw spreads them, and a connection that is moving needs no flow affinity.
+    let hash = if migrating {
+        unsafe { bpf_get_prandom_u32() }
+    } else {
+        ctx.hash()
+    };
+    let cpu = unsafe { bpf_get_smp_processor_id() };
     let n_live = tables.n_live;
     // A migration burst runs on the closing thread's CPU and between two depth samples: the
-    // cpu policy would send all of it to one slot. The flow hash spreads it over the live slots.
+    // cpu policy would send all of it to one slot. The hash table, indexed by the random draw
+    // above, spreads it over the live slots by their weights.
     let policy = if migrating {
         Some(PolicyKind::Hash)
     } else {
@@ -196,7 +205,9 @@ fn select(ctx: &SkReuseportContext) {
         ),
     };
     let spill = config.spill_depth;
-    if spill > 0 && matches!(path, Path::Cpu | Path::Hash) && depth(slot) >= spill {
+    // Not for a migration: its burst runs within one close, on depths sampled before it, so
+    // the shallowest slot would take all of it.
+    if spill > 0 && !migrating && matches!(path, Path::Cpu | Path::Hash) && depth(slot) >= spill {
         let (best, best_depth) = least_loaded(tables);
         if best_depth < depth(slot) {
             slot = best;

@@ -9,10 +9,12 @@
 //! - [`cli`]: one-shot runs of the binary ([`run_to_end`]);
 //! - [`report`]: the counters table ([`parse_report`]);
 //! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]);
+//! - [`half_open`]: connections held half-open by nftables ([`AckDrop`]);
 //! - [`load`], [`slots`]: what the control tests share.
 pub mod balancer;
 pub mod bpffs;
 pub mod cli;
+pub mod half_open;
 pub mod load;
 pub mod process;
 pub mod report;
@@ -28,6 +30,7 @@ pub use balancer_bench::client::{
 pub use balancer_common::SlotCounters;
 pub use bpffs::{pinned_dir, BpfFs};
 pub use cli::{ok, parse_cli_error, run_to_end, Finished};
+pub use half_open::{syn_recv, wait_syn_recv, AckDrop};
 pub use load::{Load, Phased, PHASE_ANSWERS};
 pub use process::{
     alive, environ_has_tag, kill_tagged, new_tag, process_group, tagged_pids, wait_gone,

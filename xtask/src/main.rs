@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building the eBPF program needs (idempotent): nightly rust-src, LLVM 22, bpf-linker 0.13.
+    /// Install what building the eBPF program and running the tests need (idempotent): nightly
+    /// rust-src, LLVM 22, bpf-linker 0.13, nftables.
     Setup,
     /// Build the eBPF object and the `balancer` binary that embeds it.
     Build {
@@ -57,14 +58,19 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
+/// What the privileged tests run besides the balancer: (command, Debian package). `nft` holds
+/// connections half-open for the migration tests.
+const TEST_TOOLS: [(&str, &str); 1] = [("nft", "nftables")];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Setup => setup(),
+        Task::Setup => setup().and_then(|()| install_test_tools()),
         Task::Build { release } => setup().and_then(|()| build(release).map(drop)),
         Task::Run { release, args } => setup().and_then(|()| run(release, args)),
-        Task::Test => setup().and_then(|()| test()),
+        Task::Test => setup()
+            .and_then(|()| install_test_tools())
+            .and_then(|()| test()),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match result {
@@ -221,25 +227,67 @@ fn setup() -> Result<()> {
 }
 
 fn install_llvm() -> Result<()> {
-    let apt = Path::new("/usr/bin/apt-get").exists();
-    if !apt || !is_root() {
+    if let Some(who) = cannot_apt() {
         bail!(
-            "bpf-linker needs LLVM 22, which is not installed, and this {} cannot install it. Run:\n  \
+            "bpf-linker needs LLVM 22, which is not installed, and this {who} cannot install it. Run:\n  \
 sudo apt-get update\n  sudo apt-get install -y {}\n  LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker \
 --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22\nthen `cargo xtask setup` again",
-            if apt { "non-root user" } else { "system (no apt-get)" },
             LLVM_PACKAGES.join(" ")
         );
     }
-    step(&format!(
-        "installing {} with apt-get",
-        LLVM_PACKAGES.join(" ")
-    ));
+    apt_install(&LLVM_PACKAGES, &[])
+}
+
+/// Installs the Debian packages of the [`TEST_TOOLS`] whose command is missing.
+fn install_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(command, _)| !installed(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if let Some(who) = cannot_apt() {
+        bail!(
+            "the integration tests need {} (to hold connections half-open), which is not installed, \
+and this {who} cannot install it. Run:\n  sudo apt-get update\n  sudo apt-get install -y \
+--no-install-recommends {}\nthen `cargo xtask setup` again",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    apt_install(&missing, &["--no-install-recommends"])
+}
+
+/// Why apt-get cannot install packages here ("non-root user", "system (no apt-get)"), if so.
+fn cannot_apt() -> Option<&'static str> {
+    if !Path::new("/usr/bin/apt-get").exists() {
+        Some("system (no apt-get)")
+    } else if !is_root() {
+        Some("non-root user")
+    } else {
+        None
+    }
+}
+
+/// `apt-get install OPTIONS PACKAGES`, after refreshing the package lists.
+fn apt_install(packages: &[&str], options: &[&str]) -> Result<()> {
+    step(&format!("installing {} with apt-get", packages.join(" ")));
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
     sh(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq"])
-        .args(LLVM_PACKAGES))
+        .args(options)
+        .args(packages))
+}
+
+/// Whether `command` is in PATH or in the system directories root's PATH has (sudo's too).
+fn installed(command: &str) -> bool {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .any(|dir| dir.join(command).is_file())
 }
 
 /// The controller's target directory (honours CARGO_TARGET_DIR like cargo does).

@@ -408,10 +408,15 @@ impl<H: Host> Supervisor<H> {
         self.host.shrink(target);
         self.slots.truncate(target as usize);
         self.publish().await;
+        // Closing moves the accept queues at once: this count is theirs. A connection still in
+        // its handshake there moves later, when its ACK (or its SYN-ACK retransmit timer)
+        // reaches the closed listener; only the `migrated` counters of status see it.
         let moved = self.migrated_total().saturating_sub(before);
         if let Some(Operation::ScaleDown { note, reply, .. }) = self.op.take() {
             let message = format!(
-                "scaled {n} -> {target} workers; {moved} queued connection(s) moved to live slots{note}"
+                "scaled {n} -> {target} workers; {moved} queued connection(s) moved to live slots; \
+                 those still in their handshake move at its next packet \
+                 (MIGRATED in `balancer status`){note}"
             );
             info!("{message}");
             reply.answer(Ok(Reply::Done { message }));
