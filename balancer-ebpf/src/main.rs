@@ -10,7 +10,8 @@ use core::cell::UnsafeCell;
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+        bpf_map_def,
+        bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{
