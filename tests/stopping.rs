@@ -1,5 +1,6 @@
-//! Stopping the controller (SIGTERM): new connections are refused while the workers drain
-//! what is queued, so that a stop costs no connection the kernel had already accepted.
+//! Stopping the controller: on SIGTERM new connections are refused while the workers drain
+//! what is queued, so that a stop costs no connection the kernel had already accepted; and
+//! a controller that fails to start after pinning leaves no pin behind.
 use std::{
     io::ErrorKind as IoKind,
     net::TcpStream,
@@ -7,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_tests::{balancer_bin, read_answer, send_request, sum, Balancer};
+use balancer_tests::{
+    balancer_bin, pinned_dir, read_answer, run_to_end, send_request, sum, Balancer, BpfFs,
+};
 
 /// Slow workers (50 accepts/s each) with connections queued on both sockets, then SIGTERM
 /// while a client keeps connecting: every connection the kernel accepted, before the stop or
@@ -78,4 +81,44 @@ fn a_stop_refuses_new_connections_and_answers_every_queued_one() {
         refused >= 1,
         "the program counts the connections it refused: {report:?}"
     );
+}
+
+/// The metrics address is taken: the controller fails after it attached and pinned its
+/// program, and the failure removes the pins as a clean exit would.
+#[test]
+fn a_start_that_fails_after_pinning_removes_the_pins() {
+    let bpffs = BpfFs::mount();
+    let dir = bpffs.path().join("group");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = taken.local_addr().unwrap().to_string();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listen.local_addr().unwrap();
+    drop(listen);
+    let f = run_to_end(
+        &[
+            "run",
+            "--listen",
+            &addr.to_string(),
+            "--workers",
+            "1",
+            "--metrics",
+            &metrics,
+            "--bpffs-dir",
+            dir.to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    assert!(!f.status.success(), "{}", f.stderr);
+    assert!(
+        f.stderr.contains(&format!("serving metrics on {metrics}")),
+        "{}",
+        f.stderr
+    );
+    assert!(
+        !pinned_dir(&dir, addr).exists(),
+        "pins left under {}:\n{}",
+        dir.display(),
+        f.stderr
+    );
+    assert!(!dir.exists(), "the directory it created is removed too");
 }

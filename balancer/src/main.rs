@@ -195,6 +195,13 @@ fn run_group(
     }
 
     startup::check_fd_limit(slots, args.listen.len())?;
+    // Caught from here on, before anything is bound or pinned: a stop request during start-up
+    // is handled by the event loop like any other, and cleans up.
+    let rt = runtime()?;
+    let signals = {
+        let _in_runtime = rt.enter();
+        supervisor::Signals::install().context("installing the signal handlers")?
+    };
     let credentials = args
         .user
         .as_deref()
@@ -223,7 +230,6 @@ fn run_group(
     let owns_pin_dir = args.bpffs_dir.is_none() || pin_dir.as_ref().is_some_and(|d| !d.exists());
     let bound: Vec<std::net::SocketAddr> =
         prepared.group.addresses.iter().map(|a| a.addr).collect();
-    let rt = runtime()?;
     rt.block_on(async move {
         // An upgrade takes the old controller's path in one step.
         let mut control = match &handing_over {
@@ -239,6 +245,13 @@ fn run_group(
         if let Some(dir) = &pin_dir {
             steering::unpin_addresses(dir, &bound);
         }
+        // From here, whatever ends this controller (an error, a panic, a stop) removes what it
+        // pins, unless it hands the group over.
+        let pins = PinGuard {
+            dir: pin_dir.clone(),
+            addrs: bound.clone(),
+            owns_dir: owns_pin_dir,
+        };
         let _stats = if args.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -258,15 +271,7 @@ fn run_group(
             pin_dir.as_deref(),
             &carried,
         );
-        let steering = match steering {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(dir) = &pin_dir {
-                    Steering::unpin(dir, &bound, owns_pin_dir);
-                }
-                return Err(e.into());
-            }
-        };
+        let steering = steering?;
         let (commands, requests) = tokio::sync::mpsc::channel(16);
         control.serve(commands.clone());
         if let Some(addr) = args.metrics {
@@ -331,14 +336,38 @@ fn run_group(
                 group: prepared.name.clone(),
                 pin_dir: pin_dir.clone(),
             },
+            signals,
         )
         .await?;
         // After a handover the pins are the new controller's.
-        if let (supervisor::Exit::Stopped, Some(dir)) = (result, &pin_dir) {
-            Steering::unpin(dir, &bound, owns_pin_dir);
+        if result == supervisor::Exit::HandedOver {
+            pins.keep();
         }
         Ok(())
     })
+}
+
+/// Removes a controller's pins when dropped (see [`Steering::unpin`]), unless told to keep
+/// them.
+struct PinGuard {
+    dir: Option<std::path::PathBuf>,
+    addrs: Vec<std::net::SocketAddr>,
+    owns_dir: bool,
+}
+
+impl PinGuard {
+    /// The pins stay (a successor controller owns them now).
+    fn keep(mut self) {
+        self.dir = None;
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            Steering::unpin(dir, &self.addrs, self.owns_dir);
+        }
+    }
 }
 
 /// Sends one request to a running controller and prints the reply.

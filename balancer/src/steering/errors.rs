@@ -49,6 +49,11 @@ of the select-or-migrate kind (Linux 5.14+ with CONFIG_BPF_SYSCALL): {0}"
         "pinning for bpftool: {0}; --bpffs-dir must be on a BPF filesystem (mount -t bpf bpf DIR)"
     )]
     Pin(String),
+    /// A pin of the same name is already there (and is not this group's to remove).
+    #[error(
+        "pinning for bpftool: {0}: a pin of that name already exists (another balancer group pinned under the same --bpffs-dir and address, or a leftover): remove it if no controller uses it, or choose another --bpffs-dir"
+    )]
+    PinExists(String),
     /// Loading failed otherwise.
     #[error("loading the steering program: {0}")]
     Load(String),

@@ -99,7 +99,14 @@ pub(super) fn address_dir(dir: &Path, addr: SocketAddr) -> PathBuf {
     dir.join(name)
 }
 
-pub(super) fn pin_error(what: &str, dir: &Path, e: &dyn std::fmt::Display) -> SteeringError {
+pub(super) fn pin_error(
+    what: &str,
+    dir: &Path,
+    e: &(dyn std::error::Error + 'static),
+) -> SteeringError {
+    if super::errors::io_errno(e) == Some(libc::EEXIST) {
+        return SteeringError::PinExists(format!("{what} under {}", dir.display()));
+    }
     SteeringError::Pin(format!("{what} under {}: {e}", dir.display()))
 }
 
@@ -111,4 +118,22 @@ pub(super) fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), SteeringError> {
             .map_err(|e| pin_error(&format!("pinning map {name}"), dir, &e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_that_exists_already_gets_its_own_message() {
+        let dir = Path::new("/sys/fs/bpf/x");
+        let exists = io::Error::from_raw_os_error(libc::EEXIST);
+        let e = pin_error("pinning map SOCKETS", dir, &exists);
+        assert!(matches!(e, SteeringError::PinExists(_)), "{e:?}");
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let other = io::Error::from_raw_os_error(libc::EPERM);
+        let e = pin_error("pinning map SOCKETS", dir, &other);
+        assert!(matches!(e, SteeringError::Pin(_)), "{e:?}");
+        assert!(e.to_string().contains("must be on a BPF filesystem"), "{e}");
+    }
 }

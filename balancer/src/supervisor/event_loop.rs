@@ -16,6 +16,7 @@ use super::{
     operation::Responder,
     real_host::{RealHost, Workers},
     settings::SupervisorConfig,
+    signals::Signals,
     upgrade::{forward_pending, tick_watchdog, upgrade, UpgradeContext},
 };
 use crate::{
@@ -52,6 +53,7 @@ pub async fn run(
     mut commands: mpsc::Receiver<Command>,
     manager: ServiceManager,
     mut upgrades: UpgradeContext,
+    signals: Signals,
 ) -> anyhow::Result<Exit> {
     let (start, settings, steer) = config.split();
     let owner = start.credentials.as_ref().map(|c| (c.uid, c.gid));
@@ -85,11 +87,13 @@ pub async fn run(
     let host = RealHost::new(group, steering, workers, tx, manager, start.record_dir);
     let mut tick = tokio::time::interval(settings.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+        mut usr1,
+        mut usr2,
+    } = signals;
     let mut sup = Supervisor::new(host, settings, steer, start.slots);
     match start.inherited {
         Some(inherited) => sup.adopt(inherited).await,
