@@ -1,5 +1,6 @@
 //! The control socket and what it reports, against the real kernel: its defences against bad
-//! requests and other users, status, metrics, pinning for bpftool, one controller per socket.
+//! requests and other users, its directory, status, pinning for bpftool, one controller per
+//! socket.
 use std::{
     collections::HashMap,
     io::{Read, Write},
@@ -175,49 +176,6 @@ fn status_json_matches_the_workers() {
 }
 
 #[test]
-fn metrics_are_served_in_prometheus_text_format() {
-    let b = Balancer::start(&["--workers", "2", "--metrics", "127.0.0.1:0", "--bpf-stats"]);
-    let url = b
-        .stdout_lines()
-        .iter()
-        .find_map(|l| l.strip_prefix("metrics on http://"))
-        .expect("metrics line")
-        .trim_end_matches("/metrics")
-        .to_owned();
-    for _ in 0..10 {
-        get(b.addrs[0]).unwrap();
-    }
-    let mut s = std::net::TcpStream::connect(&url).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    let total: u64 = text
-        .lines()
-        .filter(|l| l.starts_with("balancer_selections_total{") && l.contains("path=\"cpu\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum();
-    assert_eq!(total, 10, "{text}");
-    for family in [
-        "balancer_select_errors_total",
-        "balancer_worker_restarts_total",
-        "balancer_accept_queue_depth",
-        "balancer_worker_state{slot=\"0\",state=\"ready\"} 1",
-        "balancer_policy_info{policy=\"cpu\"} 1",
-        "balancer_program_runs_total",
-    ] {
-        assert!(text.contains(family), "{family} missing:\n{text}");
-    }
-    let status = b.status();
-    assert!(
-        status.bpf_ns_per_selection.is_some_and(|ns| ns > 0.0),
-        "{status:?}"
-    );
-}
-
-#[test]
 fn program_and_maps_are_pinned_for_bpftool_and_unpinned_on_exit() {
     let bpffs = BpfFs::mount();
     let dir = bpffs.path().join("group");
@@ -373,4 +331,72 @@ fn five_thousand_random_frames_change_nothing() {
             .collect::<Vec<_>>()
     );
     assert_eq!(b.policy(), policy_before);
+}
+
+/// The control socket's directory: one the controller creates is 0700 (and the socket in it
+/// 0600); a directory that is a symbolic link, writable by other users, or another user's is
+/// refused at start, with the cause and the fix, and nothing is put in it.
+#[test]
+fn the_control_socket_directory_is_private_and_unsafe_ones_are_refused() {
+    /// Removes the test's directories whether it passes or not.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch = Scratch(unique_path("control-dirs"));
+    let root = &scratch.0;
+    let path = root.join("created").join("ctl.sock");
+    let b = Balancer::start_at(&path, &["--workers", "1"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&root.join("created")), 0o700);
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(b.status().slots.len(), 1);
+    drop(b);
+
+    let refused = |dir: &std::path::Path| {
+        let control = dir.join("ctl.sock");
+        let f = run_to_end(
+            &[
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                control.to_str().unwrap(),
+            ],
+            |_| {},
+        );
+        assert!(!f.status.success(), "{} was accepted", dir.display());
+        f.stderr
+    };
+    let real = root.join("real");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, root.join("link")).unwrap();
+    let err = refused(&root.join("link"));
+    assert!(
+        err.contains("is a symbolic link") && err.contains("--control"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&real).unwrap().count(),
+        0,
+        "nothing in the link's target"
+    );
+
+    let open = root.join("open");
+    std::fs::create_dir_all(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refused(&open);
+    assert!(
+        err.contains("writable by other users") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+
+    let foreign = root.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let err = refused(&foreign);
+    assert!(err.contains("belongs to uid 65534"), "{err}");
 }

@@ -278,11 +278,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub grace: Duration,
 
-    /// Control socket for `balancer status`, `policy`, `workers`, `drain` (mode 0600).
+    /// Control socket for `balancer status`, `policy`, `workers`, `drain` (mode 0600). Its
+    /// directory is created 0700 if missing; a symbolic link, another user's directory or one
+    /// others may write to is refused.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
 
-    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9090).
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9090). No
+    /// authentication or TLS: bind it to loopback or put it behind a proxy.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
 

@@ -2,6 +2,7 @@
 //! integration tests and the benchmark (which read [`control::protocol::StatusReport`] and
 //! [`control::protocol::ErrorKind`] as typed values instead of walking JSON by key).
 pub mod activation;
+pub mod admission;
 pub mod adoption;
 pub mod affinity;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod fd_store;
 pub mod group_repair;
 pub mod group_state;
 pub mod handover;
+pub mod limits;
 pub mod log_sink;
 pub mod metrics;
 pub mod notify;

@@ -108,6 +108,16 @@ impl Balancer {
         Self::launch(Launch::new(binary, args, &[]))
     }
 
+    /// Like [`Balancer::start`], with its control socket at `control` (a path the test chose,
+    /// e.g. in a directory the controller has to create).
+    pub fn start_at(control: &Path, args: &[&str]) -> Self {
+        let mut launch = Launch::new(&balancer_bin(), args, &[]);
+        launch.control = control.to_path_buf();
+        let mut b = Self::launch(launch);
+        b.wait_ready();
+        b
+    }
+
     /// Starts the controller `launch` describes and waits for its listening lines.
     pub(crate) fn launch(launch: Launch) -> Self {
         require_root();

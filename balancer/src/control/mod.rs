@@ -4,3 +4,4 @@ pub mod protocol;
 #[cfg(test)]
 mod random_frames;
 pub mod server;
+pub mod socket;

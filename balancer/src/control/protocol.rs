@@ -276,7 +276,7 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The request's values are not acceptable.
     Invalid,
-    /// Another change is in progress.
+    /// Another change is in progress, or the controller serves as many clients as it allows.
     Busy,
     /// The change was tried and failed.
     Failed,

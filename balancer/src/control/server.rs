@@ -1,22 +1,35 @@
-//! The controller's end of the control socket: one instance per path, mode 0600, every
-//! change checked against the peer's credentials (`SO_PEERCRED`).
+//! The controller's end of the control socket: one instance per path, mode 0600 (see
+//! [`super::socket`]), every change checked against the peer's credentials (`SO_PEERCRED`).
+//!
+//! A client cannot hold the controller up: at most [`MAX_CLIENTS`] connections at once
+//! ([`MAX_PER_UID`] of one uid), a connection that waits for its client gives way to a new
+//! one at a limit ([`crate::limits`]), a request must arrive whole within
+//! [`REQUEST_DEADLINE`] of its first byte, and a reply must be taken within
+//! [`WRITE_DEADLINE`]. The supervisor only ever sees whole requests and never waits for a
+//! client: replies go back through a channel, written by the connection's own task.
 use std::{
-    io,
-    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{debug, warn};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
 
-use super::protocol::{
-    decode_request, encode_reply, read_frame, write_frame, ErrorKind, ErrorReply, FrameError,
-    Outcome, Request, MAX_FRAME,
+pub use super::socket::ControlError;
+use super::{
+    protocol::{
+        decode_request, encode_reply, read_frame, write_frame, ErrorKind, ErrorReply, FrameError,
+        Outcome, Request, MAX_FRAME,
+    },
+    socket::{clear_stale, ensure_dir, file_id, own_uid, place},
+};
+use crate::{
+    admission::{Place, Table},
+    limits::{Refusal, Throttle},
 };
 
 /// A request handed to the supervisor, with where its outcome goes.
@@ -24,123 +37,52 @@ pub type Command = (Request, oneshot::Sender<Outcome>);
 
 /// A client that sends nothing for this long is disconnected.
 const IDLE: Duration = Duration::from_secs(60);
-
-/// Why the control socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// Another controller answers on the path.
-    #[error(
-        "another balancer{pid} is already running with control socket {path}: stop it, or give \
-this one its own --control PATH"
-    )]
-    InUse {
-        /// The path.
-        path: PathBuf,
-        /// " (pid N)" when known.
-        pid: String,
-    },
-    /// The path holds something else.
-    #[error("{0} exists and is not a socket: remove it or choose another --control PATH")]
-    NotASocket(PathBuf),
-    /// Creating the socket failed.
-    #[error("creating control socket {path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-}
+/// Once a request's first byte is in, the rest must follow within this.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// A reply the client does not take within this closes the connection.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Most clients connected at once.
+pub const MAX_CLIENTS: usize = 64;
+/// Most clients of one uid connected at once.
+pub const MAX_PER_UID: usize = 32;
 
 /// The bound control socket; removes its path when dropped, if the path still names it.
 pub struct ControlSocket {
     path: PathBuf,
-    listener: Option<UnixListener>,
+    listener: Option<std::os::unix::net::UnixListener>,
     /// The socket file's (device, inode): a successor may have put its own at the path.
     file: Option<(u64, u64)>,
     commands: Option<mpsc::Sender<Command>>,
     accepting: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// The (device, inode) of the file at `path`.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
 impl ControlSocket {
-    /// Binds `path` (mode 0600), refusing when another controller answers there and clearing a
-    /// stale socket left by one that died.
+    /// Binds `path` (mode 0600, see [`super::socket`]), refusing when another controller
+    /// answers there and clearing a stale socket left by one that died.
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        let io_err = |source| ControlError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ControlError::NotASocket(path.to_path_buf()));
-            }
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => {
-                    let pid = nix::sys::socket::getsockopt(
-                        &s,
-                        nix::sys::socket::sockopt::PeerCredentials,
-                    )
-                    .map(|c| format!(" (pid {})", c.pid()))
-                    .unwrap_or_default();
-                    return Err(ControlError::InUse {
-                        path: path.to_path_buf(),
-                        pid,
-                    });
-                }
-                Err(_) => std::fs::remove_file(path).map_err(io_err)?,
-            }
-        }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
-        }
-        let listener = UnixListener::bind(path).map_err(io_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            listener: Some(listener),
-            file: file_id(path),
-            commands: None,
-            accepting: None,
-        })
+        let dir = ensure_dir(path)?;
+        clear_stale(path)?;
+        let (listener, file) = place(&dir, path, false)?;
+        Ok(Self::bound(path, listener, file))
     }
 
     /// Binds a new socket and puts it at `path` in one step (a rename over whatever is
     /// there): a client connects to the old socket or to this one, never to nothing. An
     /// upgrade's new controller takes the path from the old one this way.
     pub fn bind_over(path: &Path) -> Result<Self, ControlError> {
-        let io_err = |source| ControlError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
-        }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.new", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp).map_err(io_err)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-        let file = file_id(&tmp);
-        if let Err(e) = std::fs::rename(&tmp, path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io_err(e));
-        }
-        Ok(Self {
+        let dir = ensure_dir(path)?;
+        let (listener, file) = place(&dir, path, true)?;
+        Ok(Self::bound(path, listener, file))
+    }
+
+    fn bound(path: &Path, listener: std::os::unix::net::UnixListener, file: (u64, u64)) -> Self {
+        Self {
             path: path.to_path_buf(),
             listener: Some(listener),
-            file,
+            file: Some(file),
             commands: None,
             accepting: None,
-        })
+        }
     }
 
     /// Puts this controller's socket back at the path if another one took it (an upgrade
@@ -167,19 +109,17 @@ impl ControlSocket {
             return;
         };
         self.commands = Some(commands.clone());
-        self.accepting = Some(tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(serve_client(stream, commands.clone()));
-                    }
-                    Err(e) => {
-                        warn!("control socket accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+        let listener = match listener
+            .set_nonblocking(true)
+            .and_then(|()| UnixListener::from_std(listener))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("control socket {}: {e}", self.path.display());
+                return;
             }
-        }));
+        };
+        self.accepting = Some(tokio::spawn(accept(listener, commands)));
     }
 }
 
@@ -189,6 +129,76 @@ impl Drop for ControlSocket {
         if self.file.is_some() && file_id(&self.path) == self.file {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Accepts clients within the limits: each admitted one is served by its own task; one
+/// that would exceed them makes a waiting one give way, or is refused with a typed reply.
+async fn accept(listener: UnixListener, commands: mpsc::Sender<Command>) {
+    let admitted = Table::new(MAX_PER_UID, MAX_CLIENTS);
+    let mut throttle = Throttle::new(Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+        match admitted.admit(peer_uid) {
+            Ok((place, evicted)) => {
+                if evicted {
+                    if let Some(n) = throttle.note(Instant::now()) {
+                        warn!("control socket: {n} idle client(s) closed to make room (at most {MAX_CLIENTS}, {MAX_PER_UID} per uid)");
+                    }
+                }
+                tokio::spawn(serve_stream(
+                    stream,
+                    peer_uid,
+                    own_uid(),
+                    commands.clone(),
+                    Some(place),
+                ));
+            }
+            Err(why) => {
+                if let Some(n) = throttle.note(Instant::now()) {
+                    warn!("control socket: {n} client(s) refused: {why}");
+                }
+                refuse(&stream, why);
+            }
+        }
+    }
+}
+
+/// Tells a client it was not admitted, without waiting for it: the reply is small enough for
+/// an empty socket buffer, and a client that cannot take it gets nothing.
+fn refuse(stream: &UnixStream, why: Refusal) {
+    let reply = Err(ErrorReply::new(
+        ErrorKind::Busy,
+        format!(
+            "the controller is serving as many clients as it allows ({why}): try again in a moment"
+        ),
+    ));
+    let payload = encode_reply(&reply);
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    frame.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(&payload);
+    if let Err(e) = stream.try_write(&frame) {
+        debug!("control client refused before it could be told: {e}");
+    }
+}
+
+/// Resolves when the connection at `place` has to give way (never without a place).
+async fn evicted(place: &mut Option<Place<Option<u32>>>) {
+    match place {
+        Some(p) => p.evicted().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -211,41 +221,95 @@ pub fn authorize(peer_uid: Option<u32>, own_uid: u32, request: &Request) -> Resu
     }
 }
 
-/// Serves one accepted client, checking its requests against its `SO_PEERCRED` uid.
-async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
-    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
-    // SAFETY: geteuid has no preconditions.
-    let own_uid = unsafe { libc::geteuid() };
-    serve_stream(stream, peer_uid, own_uid, commands).await;
+/// Why no request came.
+enum NoRequest {
+    /// The client hung up, or sent nothing for [`IDLE`].
+    Gone,
+    /// The client broke the framing: answer with this, then hang up.
+    Unframeable(ErrorReply),
 }
 
-/// Answers the frames of one client until it hangs up, goes idle, or sends something that
-/// cannot be framed: each request is decoded, [`authorize`]d, and only then forwarded to
-/// `commands`.
+/// The next request frame: its first byte within [`IDLE`], the rest within
+/// [`REQUEST_DEADLINE`] of it.
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<bytes::BytesMut, NoRequest> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(IDLE, stream.read(&mut first)).await {
+        Err(_) | Ok(Ok(0)) => return Err(NoRequest::Gone),
+        Ok(Err(e)) => {
+            debug!("control client: {e}");
+            return Err(NoRequest::Gone);
+        }
+        Ok(Ok(_)) => {}
+    }
+    let mut rest = (&first[..]).chain(&mut *stream);
+    match tokio::time::timeout(REQUEST_DEADLINE, read_frame(&mut rest)).await {
+        Err(_) => Err(NoRequest::Unframeable(ErrorReply::new(
+            ErrorKind::Malformed,
+            format!(
+                "the request did not arrive whole within {} s of its first byte: send each frame at once",
+                REQUEST_DEADLINE.as_secs()
+            ),
+        ))),
+        Ok(Err(FrameError::Closed)) => Err(NoRequest::Gone),
+        Ok(Err(FrameError::Io(e))) => {
+            debug!("control client: {e}");
+            Err(NoRequest::Gone)
+        }
+        // The rest of the stream cannot be framed any more.
+        Ok(Err(FrameError::TooLarge(n))) => Err(NoRequest::Unframeable(ErrorReply::new(
+            ErrorKind::TooLarge,
+            format!("a frame of {n} bytes is over the {MAX_FRAME}-byte limit (or the bytes are not a frame)"),
+        ))),
+        Ok(Ok(frame)) => Ok(frame),
+    }
+}
+
+/// Writes one reply, giving up after [`WRITE_DEADLINE`]; false: the connection is over.
+async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, outcome: &Outcome) -> bool {
+    match tokio::time::timeout(WRITE_DEADLINE, write_frame(stream, &encode_reply(outcome))).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            debug!("control client: {e}");
+            false
+        }
+        Err(_) => {
+            warn!(
+                "control client did not take its reply within {} s: disconnected",
+                WRITE_DEADLINE.as_secs()
+            );
+            false
+        }
+    }
+}
+
+/// Answers the frames of one client until it hangs up, goes idle, gives way to a new client
+/// (`place`), or sends something that cannot be framed: each request is decoded,
+/// [`authorize`]d, and only then forwarded to `commands`.
 async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer_uid: Option<u32>,
     own_uid: u32,
     commands: mpsc::Sender<Command>,
+    mut place: Option<Place<Option<u32>>>,
 ) {
     loop {
-        let frame = match tokio::time::timeout(IDLE, read_frame(&mut stream)).await {
-            Err(_) | Ok(Err(FrameError::Closed)) => return,
-            Ok(Err(FrameError::Io(e))) => {
-                debug!("control client: {e}");
-                return;
-            }
-            Ok(Err(FrameError::TooLarge(n))) => {
-                // The rest of the stream cannot be framed any more: answer, then hang up.
-                let reply = Err(ErrorReply::new(
-                    ErrorKind::TooLarge,
-                    format!("a frame of {n} bytes is over the {MAX_FRAME}-byte limit (or the bytes are not a frame)"),
-                ));
-                let _ = write_frame(&mut stream, &encode_reply(&reply)).await;
-                return;
-            }
-            Ok(Ok(frame)) => frame,
+        // Only a connection waiting for its client gives way; one being answered finishes.
+        let frame = tokio::select! {
+            biased;
+            () = evicted(&mut place) => return,
+            frame = read_request(&mut stream) => frame,
         };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(NoRequest::Gone) => return,
+            Err(NoRequest::Unframeable(e)) => {
+                reply(&mut stream, &Err(e)).await;
+                return;
+            }
+        };
+        if let Some(p) = &place {
+            p.busy();
+        }
         let outcome = match decode_request(&frame)
             .and_then(|req| authorize(peer_uid, own_uid, &req).map(|()| req))
         {
@@ -263,231 +327,14 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
                 })
             }
         };
-        if write_frame(&mut stream, &encode_reply(&outcome))
-            .await
-            .is_err()
-        {
+        if !reply(&mut stream, &outcome).await {
             return;
+        }
+        if let Some(p) = &place {
+            p.waiting();
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use tokio::{io::AsyncWriteExt, task::JoinHandle};
-
-    use super::*;
-    use crate::control::protocol::{
-        decode_reply, encode_request, Outcome, PolicyName, Reply, StatusReport,
-    };
-
-    /// The controller's uid in these tests (any non-root uid: the tests need no privilege).
-    const OWN: u32 = 1000;
-    const FOREIGN: u32 = 65534;
-
-    fn status_report() -> StatusReport {
-        StatusReport {
-            pid: 42,
-            uptime_secs: 1.5,
-            policy: PolicyName::Hash,
-            weights: None,
-            spill_depth: 16,
-            sample_interval_us: 1000,
-            sampling_cost_us_per_sec: 0.5,
-            listen: vec!["127.0.0.1:8080".into()],
-            slots: Vec::new(),
-            bpf_ns_per_selection: None,
-            bpf_runs: None,
-        }
-    }
-
-    /// A client end, the server task serving the other end of the pair as a peer of
-    /// `peer_uid`, and the supervisor's end of the command channel.
-    fn serve(peer_uid: Option<u32>) -> (UnixStream, JoinHandle<()>, mpsc::Receiver<Command>) {
-        let (client, server) = UnixStream::pair().unwrap();
-        let (commands, requests) = mpsc::channel(4);
-        let task = tokio::spawn(serve_stream(server, peer_uid, OWN, commands));
-        (client, task, requests)
-    }
-
-    /// Sends one frame and returns the decoded reply; fails rather than hangs when none comes
-    /// (as it would if a request were forwarded to a supervisor that never answers).
-    async fn exchange(client: &mut UnixStream, payload: &[u8]) -> Outcome {
-        write_frame(client, payload).await.unwrap();
-        reply(client).await
-    }
-
-    /// The next reply frame, decoded; fails after 5 s without one.
-    async fn reply(client: &mut UnixStream) -> Outcome {
-        let frame = next_frame(client).await.expect("a reply frame");
-        decode_reply(&frame).unwrap()
-    }
-
-    /// The next frame or why there is none; fails after 5 s without either.
-    async fn next_frame(client: &mut UnixStream) -> Result<bytes::BytesMut, FrameError> {
-        tokio::time::timeout(Duration::from_secs(5), read_frame(client))
-            .await
-            .expect("a frame or the end of the stream within 5 s")
-    }
-
-    /// Answers the next command with `outcome`, checking it is `expected`.
-    fn supervisor(
-        mut requests: mpsc::Receiver<Command>,
-        expected: Request,
-        outcome: Outcome,
-    ) -> JoinHandle<mpsc::Receiver<Command>> {
-        tokio::spawn(async move {
-            let (request, reply) = requests.recv().await.expect("a forwarded command");
-            assert_eq!(request, expected);
-            reply.send(outcome).unwrap();
-            requests
-        })
-    }
-
-    /// Closes the client, waits for the server task to end, and asserts that nothing more
-    /// reached the command channel.
-    async fn nothing_more_forwarded(
-        client: UnixStream,
-        task: JoinHandle<()>,
-        mut requests: mpsc::Receiver<Command>,
-    ) {
-        drop(client);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the server task ends once the client is gone")
-            .unwrap();
-        match requests.try_recv() {
-            Err(mpsc::error::TryRecvError::Disconnected) => {}
-            Ok((request, _)) => panic!("{request:?} reached the command channel"),
-            Err(e) => panic!("the server still holds the channel: {e}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_status_request_is_forwarded_and_its_outcome_returned() {
-        // A foreign uid may read.
-        let (mut client, task, requests) = serve(Some(FOREIGN));
-        let answer: Outcome = Ok(Reply::Status(status_report()));
-        let supervisor = supervisor(requests, Request::Status, answer.clone());
-        let got = exchange(&mut client, &encode_request(&Request::Status)).await;
-        assert_eq!(got, answer);
-        nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
-    }
-
-    #[tokio::test]
-    async fn a_change_from_a_foreign_uid_is_refused_and_never_forwarded() {
-        let (mut client, task, requests) = serve(Some(FOREIGN));
-        let got = exchange(&mut client, &encode_request(&Request::Scale { workers: 1 })).await;
-        let e = got.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e:?}");
-        assert!(e.message.contains(&format!("uid {FOREIGN} ")), "{e:?}");
-        nothing_more_forwarded(client, task, requests).await;
-    }
-
-    #[tokio::test]
-    async fn a_too_large_frame_is_answered_then_the_connection_closed() {
-        let (mut client, task, requests) = serve(Some(OWN));
-        client
-            .write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
-            .await
-            .unwrap();
-        let e = reply(&mut client).await.unwrap_err();
-        assert_eq!(e.kind, ErrorKind::TooLarge, "{e:?}");
-        // The server hung up: end of stream, and its task is over.
-        assert!(matches!(
-            next_frame(&mut client).await,
-            Err(FrameError::Closed)
-        ));
-        nothing_more_forwarded(client, task, requests).await;
-    }
-
-    #[tokio::test]
-    async fn malformed_json_is_answered_and_the_connection_stays_usable() {
-        let (mut client, task, requests) = serve(Some(OWN));
-        let got = exchange(&mut client, b"{{{ not json").await;
-        assert_eq!(got.unwrap_err().kind, ErrorKind::Malformed);
-        // The next frame on the same connection is served: a change, from the own uid.
-        let request = Request::Drain { slot: 1 };
-        let answer: Outcome = Ok(Reply::Done {
-            message: "slot 1 drained".into(),
-        });
-        let supervisor = supervisor(requests, request.clone(), answer.clone());
-        assert_eq!(
-            exchange(&mut client, &encode_request(&request)).await,
-            answer
-        );
-        nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
-    }
-
-    #[test]
-    fn reading_is_for_anyone() {
-        for peer in [Some(0), Some(OWN), Some(FOREIGN), None] {
-            for request in [Request::Status, Request::Policy] {
-                assert_eq!(
-                    authorize(peer, OWN, &request),
-                    Ok(()),
-                    "{peer:?} {request:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn changing_is_for_root_and_the_own_uid() {
-        let change = Request::SetPolicy {
-            policy: PolicyName::Hash,
-            weights: None,
-            spill_depth: None,
-        };
-        assert_eq!(authorize(Some(0), OWN, &change), Ok(()), "root changes");
-        assert_eq!(
-            authorize(Some(OWN), OWN, &change),
-            Ok(()),
-            "own uid changes"
-        );
-        for (peer, shown) in [(Some(FOREIGN), "uid 65534 "), (None, "uid ? ")] {
-            let e = authorize(peer, OWN, &change).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::PermissionDenied, "{peer:?}");
-            assert!(e.message.starts_with(shown), "{peer:?}: {e:?}");
-            assert!(e.message.contains("run the command as root"), "{e:?}");
-        }
-        // A controller running as root lets only root change it.
-        assert_eq!(authorize(Some(0), 0, &change), Ok(()));
-        assert_eq!(
-            authorize(Some(OWN), 0, &change).unwrap_err().kind,
-            ErrorKind::PermissionDenied
-        );
-    }
-
-    /// Random and damaged frames: each gets a reply, exactly the decodable ones reach the
-    /// supervisor, and the connection stays usable throughout.
-    #[tokio::test]
-    async fn random_frames_are_answered_and_only_valid_ones_forwarded() {
-        let (mut client, task, mut requests) = serve(Some(OWN));
-        // A supervisor that answers whatever reaches it, and counts.
-        let counter = tokio::spawn(async move {
-            let mut n = 0u32;
-            while let Some((_, reply)) = requests.recv().await {
-                n += 1;
-                let _ = reply.send(Ok(Reply::Done {
-                    message: "ok".into(),
-                }));
-            }
-            n
-        });
-        let mut expected = 0u32;
-        for seed in 1..=2_000u64 {
-            let payload = crate::control::random_frames::payload(seed);
-            let valid = crate::control::protocol::decode_request(&payload).is_ok();
-            expected += u32::from(valid);
-            let outcome = exchange(&mut client, &payload).await;
-            assert_eq!(outcome.is_ok(), valid, "seed {seed}: {outcome:?}");
-        }
-        drop(client);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the server task ends once the client is gone")
-            .unwrap();
-        assert_eq!(counter.await.unwrap(), expected);
-    }
-}
+mod tests;
