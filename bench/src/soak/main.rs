@@ -130,6 +130,7 @@ fn run(args: &Args) -> Result<bool> {
 
 fn soak(args: &Args, seed: u64, scratch: &std::path::Path) -> Result<Summary> {
     let mut group = Group::start(&args.balancer, scratch, START_WORKERS, START_POLICY)?;
+    // In the scratch directory, which goes at the end: its end is printed on a failure.
     let log = group.log().to_owned();
     let length = Duration::from_secs(args.seconds);
     let origin = Instant::now();
@@ -151,36 +152,34 @@ fn soak(args: &Args, seed: u64, scratch: &std::path::Path) -> Result<Summary> {
         );
         let outcome = chaos::apply(&mut group, &event, schedule.workers(), &STOP);
         let end = origin.elapsed();
-        let tally = load.tally();
-        match outcome {
-            Ok(held) => {
-                eprintln!(
-                    " settled in {} ms{}; {} answered so far",
-                    (end - start).as_millis(),
-                    if held.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", it held {} connection(s)", held.len())
-                    },
-                    tally.answered.load(Ordering::Relaxed)
-                );
-                windows.push(Window {
-                    kind: event.kind(),
-                    start,
-                    end,
-                    held,
-                });
-            }
-            Err(e) => {
-                eprintln!(" FAILED");
-                aborted = Some(format!(
-                    "event #{n} ({}) failed: {e:#} (controller log: {})",
-                    event.describe(),
-                    log.display()
-                ));
-                break;
-            }
+        // A failed event keeps its window: what failed during it is still its.
+        let (held, error) = match outcome {
+            Ok(held) => (held, None),
+            Err(e) => (Default::default(), Some(e)),
+        };
+        let held_note = match held.len() {
+            0 => String::new(),
+            n => format!(", it held {n} connection(s)"),
+        };
+        windows.push(Window {
+            kind: event.kind(),
+            start,
+            end,
+            held,
+        });
+        if let Some(e) = error {
+            eprintln!(" FAILED");
+            aborted = Some(format!(
+                "event #{n} ({}) failed: {e:#} (the controller log's end is printed above)",
+                event.describe()
+            ));
+            break;
         }
+        eprintln!(
+            " settled in {} ms{held_note}; {} answered so far",
+            (end - start).as_millis(),
+            load.tally().answered.load(Ordering::Relaxed)
+        );
     }
     if aborted.is_none() && STOP.load(Ordering::SeqCst) {
         aborted = Some("interrupted".into());
