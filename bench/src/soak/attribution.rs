@@ -63,7 +63,12 @@ pub struct Row {
     /// Failed connections that a killed worker had accepted and held (worker SIGKILL only).
     pub lost_in_hand: u64,
     /// The longest time from its start to the group settled again.
+    #[serde(rename = "longest_ms", serialize_with = "millis")]
     pub longest: Duration,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Every failure, put on an event kind or on none.

@@ -183,7 +183,7 @@ impl Schedule {
             }
         }
         let kind = self.deck.pop().unwrap_or(Kind::PolicyFlip);
-        let pause = self.rng.millis(200, 800);
+        let pause = self.rng.millis(100, 500);
         (pause, self.event(kind))
     }
 
@@ -273,7 +273,7 @@ mod tests {
         let mut seen_up_and_down = (false, false);
         for _ in 0..20_000 {
             let (pause, e) = s.next_event();
-            assert!((Duration::from_millis(200)..=Duration::from_millis(800)).contains(&pause));
+            assert!((Duration::from_millis(100)..=Duration::from_millis(500)).contains(&pause));
             match e {
                 Event::WorkerKill { slot } | Event::RollingRestart { slot: Some(slot) } => {
                     assert!(slot < workers)
