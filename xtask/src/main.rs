@@ -11,11 +11,13 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod soak;
+
 /// Build, setup and test tasks for balancer.
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test"
+    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,8 +44,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests and
-    /// the benchmark's smoke pass (as root).
+    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests, the
+    /// benchmark's smoke pass and a 20 s chaos soak (as root).
     Test,
     /// Benchmark balancer against the setups users would pick instead; writes
     /// bench/results/<date>/ and docs/performance.md.
@@ -51,6 +53,20 @@ enum Task {
         /// About one minute: one run per arm, short scenarios.
         #[arg(long)]
         quick: bool,
+    },
+    /// Chaos soak: load while workers are killed, stopped and continued, the policy flips,
+    /// the group scales, drains, restarts and its controller is killed and upgraded; fails if
+    /// a connection fails that no killed worker held. Writes bench/results/<date>/soak.md.
+    Soak {
+        /// How long to make events for.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Replay the events of an earlier run (its output prints the seed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print the summary as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -72,6 +88,11 @@ fn main() -> ExitCode {
             .and_then(|()| install_test_tools())
             .and_then(|()| test()),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Task::Soak {
+            seconds,
+            seed,
+            json,
+        } => setup().and_then(|()| soak::run(seconds, seed, json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,24 +103,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn root_dir() -> PathBuf {
+pub(crate) fn root_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     eprintln!("xtask: {what}");
 }
 
 /// Runs a command, failing with its command line when it fails.
-fn sh(cmd: &mut Command) -> Result<()> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
@@ -291,7 +312,7 @@ fn installed(command: &str) -> bool {
 }
 
 /// The controller's target directory (honours CARGO_TARGET_DIR like cargo does).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root_dir().join("target"))
@@ -326,7 +347,7 @@ fn ebpf_cargo(subcommand: &str) -> Command {
 }
 
 /// Builds the eBPF object; returns its path.
-fn build_ebpf() -> Result<PathBuf> {
+pub(crate) fn build_ebpf() -> Result<PathBuf> {
     step("building the eBPF program");
     sh(&mut ebpf_cargo("build"))?;
     Ok(target_dir()
@@ -351,7 +372,7 @@ fn build(release: bool) -> Result<PathBuf> {
         .join("balancer"))
 }
 
-fn cargo_with_object(object: &Path) -> Command {
+pub(crate) fn cargo_with_object(object: &Path) -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root_dir()).env("BALANCER_EBPF_OBJ", object);
     cmd
@@ -434,6 +455,8 @@ fn test() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
+    step("chaos soak, 20 s (no file written; fails on any failure no killed worker held)");
+    soak::test_pass(&object)?;
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
 }
@@ -481,15 +504,7 @@ fn run_bench(
         sh(cargo_with_object(object).args(["build", "-p", "balancer-bench"]))?;
     }
     let bench = target_dir().join(profile).join("balancer-bench");
-    let mut cmd = if is_root() {
-        Command::new(&bench)
-    } else if Path::new("/usr/bin/sudo").exists() {
-        let mut c = Command::new("sudo");
-        c.arg("-E").arg(&bench);
-        c
-    } else {
-        bail!("the benchmark loads eBPF and needs root; sudo is not installed: run it as root");
-    };
+    let mut cmd = soak::as_root(&bench, "the benchmark")?;
     cmd.arg("--balancer")
         .arg(balancer)
         .arg("--object")
