@@ -9,7 +9,8 @@ use std::{
 };
 
 use balancer_tests::{
-    balancer_bin, pinned_dir, read_answer, run_to_end, send_request, sum, Balancer, BpfFs,
+    balancer_bin, pinned_dir, read_answer, run_to_end, send_request, sum, wait_syn_recv, AckDrop,
+    Balancer, BpfFs,
 };
 
 /// Slow workers (50 accepts/s each) with connections queued on both sockets, then SIGTERM
@@ -81,6 +82,53 @@ fn a_stop_refuses_new_connections_and_answers_every_queued_one() {
         refused >= 1,
         "the program counts the connections it refused: {report:?}"
     );
+}
+
+/// Connections whose client's `connect` returned but whose final ACK has not arrived (held
+/// back by nftables) when the stop begins: the drain waits for them, and once the ACKs get
+/// through each is answered.
+#[test]
+fn a_stop_waits_for_connections_still_in_their_handshake() {
+    const HALF_OPEN: usize = 20;
+    let mut b = Balancer::start(&["--workers", "2", "--policy", "hash", "--grace", "20s"]);
+    let addr = b.addrs[0];
+    let acks = AckDrop::install(addr);
+    let mut conns: Vec<TcpStream> = (0..HALF_OPEN)
+        .map(|i| send_request(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    assert_eq!(
+        wait_syn_recv(addr, HALF_OPEN, Duration::from_secs(10)),
+        HALF_OPEN,
+        "the test needs its connections half-open"
+    );
+    b.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no new connection was refused within 10 s of SIGTERM"
+        );
+        match send_request(addr) {
+            // Before the refusal: half-open too, and answered like the others.
+            Ok(s) => conns.push(s),
+            Err(e) if e.kind() == IoKind::ConnectionRefused => break,
+            Err(e) => panic!("connecting while the controller stops: {e}"),
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    acks.remove();
+    let total = conns.len();
+    for (i, c) in conns.into_iter().enumerate() {
+        if let Err(e) = read_answer(c) {
+            panic!(
+                "connection {i} of {total}, in its handshake when the stop began, was not \
+                 answered: {e}; stderr:\n{}",
+                b.stderr()
+            );
+        }
+    }
+    let (exit, _, _) = b.wait_exit();
+    assert!(exit.success(), "{exit:?}");
 }
 
 /// The metrics address is taken: the controller fails after it attached and pinned its

@@ -98,11 +98,15 @@ pub struct Config {
     pub spill_depth: u32,
     /// [`FLAG_REFUSE_NEW`] and any later bits; unknown bits are ignored.
     pub flags: u32,
+    /// With [`FLAG_REFUSE_NEW`]: until when (`CLOCK_MONOTONIC` ns, what `bpf_ktime_get_ns`
+    /// reads) new connections are refused. A controller killed while stopping leaves its
+    /// workers serving again after that, not refusing everything for good.
+    pub refuse_until_ns: u64,
 }
 
-/// [`Config::flags`] bit: refuse every new connection (the controller is stopping and lets
-/// its workers drain what is queued). Connections migrating from a closing socket are still
-/// placed, so nothing already queued is lost.
+/// [`Config::flags`] bit: refuse every new connection until [`Config::refuse_until_ns`] (the
+/// controller is stopping and lets its workers drain what is queued). Connections migrating
+/// from a closing socket are still placed, so nothing already queued is lost.
 pub const FLAG_REFUSE_NEW: u32 = 1;
 
 /// One buffer of the steering tables. Every entry names a slot whose socket is in

@@ -126,10 +126,9 @@ pub fn select_socket(ctx: SkReuseportContext) -> u32 {
 /// from a closing socket was already accepted by the kernel: it is always placed.
 #[inline(always)]
 fn refusing(ctx: &SkReuseportContext) -> bool {
-    CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & FLAG_REFUSE_NEW != 0)
-        && ctx.migrating_sk().is_none()
+    CONFIG.get(0).is_some_and(|c| {
+        c.flags & FLAG_REFUSE_NEW != 0 && unsafe { bpf_ktime_get_ns() } < c.refuse_until_ns
+    }) && ctx.migrating_sk().is_none()
 }
 
 /// The benchmark's overhead floor: a program that selects nothing, so the kernel's hash

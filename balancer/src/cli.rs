@@ -274,7 +274,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
 
-    /// On SIGTERM/SIGINT, how long workers get to exit after SIGTERM before SIGKILL.
+    /// How long a worker told to stop (rolling restart, scale-down, shutdown) gets to exit
+    /// before SIGKILL. On the controller's own SIGTERM/SIGINT it is also how long the workers
+    /// first get to accept what is queued while new connections are refused: a stop takes
+    /// at most twice this.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub grace: Duration,
 

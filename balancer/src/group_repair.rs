@@ -52,6 +52,9 @@ pub struct SocketRepair {
     pub fault: SocketFault,
     /// What the repair did.
     pub outcome: RepairOutcome,
+    /// Whether a new socket took the old one's place (even if publishing it then failed):
+    /// the slot's worker holds a dead copy until it is restarted.
+    pub replaced: bool,
 }
 
 /// Evacuates `slot` (see [`SocketGroup::evacuate`]) and publishes whatever listens again.
@@ -85,9 +88,12 @@ pub fn check(group: &mut SocketGroup, steering: &mut Steering) -> Vec<SocketRepa
     let mut relistened = Vec::new();
     for (n, slot) in group.not_listening() {
         let Some(at) = addr(group, n) else { continue };
-        let outcome = match group.replace(n, slot) {
-            Ok(()) => RepairOutcome::Recreated,
-            Err(e) => RepairOutcome::Failed(format!("no new socket in its place: {e}")),
+        let (outcome, replaced) = match group.replace(n, slot) {
+            Ok(()) => (RepairOutcome::Recreated, true),
+            Err(e) => (
+                RepairOutcome::Failed(format!("no new socket in its place: {e}")),
+                false,
+            ),
         };
         relistened.push((n, slot, repairs.len()));
         repairs.push(SocketRepair {
@@ -95,6 +101,7 @@ pub fn check(group: &mut SocketGroup, steering: &mut Steering) -> Vec<SocketRepa
             addr: at,
             fault: SocketFault::NotListening,
             outcome,
+            replaced,
         });
     }
     for (n, slot) in steering.unpublished(group) {
@@ -124,6 +131,7 @@ pub fn check(group: &mut SocketGroup, steering: &mut Steering) -> Vec<SocketRepa
                     Ok(()) => RepairOutcome::Repaired,
                     Err(e) => RepairOutcome::Failed(e.to_string()),
                 },
+                replaced: false,
             }),
         }
     }

@@ -32,6 +32,7 @@ pub struct NonBlocking {
 }
 
 /// Waits, at exit, for the queued lines to be written.
+#[derive(Clone)]
 pub struct Flusher {
     tx: SyncSender<Message>,
 }
@@ -94,19 +95,24 @@ impl Flusher {
 
 /// The writer thread: lines in order, each gap reported before the line after it.
 fn write_out<W: Write>(rx: &Receiver<Message>, mut out: W, dropped: &AtomicU64) {
+    let report_gap = |out: &mut W| {
+        let gap = dropped.swap(0, Ordering::Relaxed);
+        if gap > 0 {
+            let _ = writeln!(
+                out,
+                "[balancer] {gap} log line(s) dropped: the log output was not read fast enough"
+            );
+        }
+    };
     while let Ok(message) = rx.recv() {
         match message {
             Message::Line(line) => {
-                let gap = dropped.swap(0, Ordering::Relaxed);
-                if gap > 0 {
-                    let _ = writeln!(
-                        out,
-                        "[balancer] {gap} log line(s) dropped: the log output was not read fast enough"
-                    );
-                }
+                report_gap(&mut out);
                 let _ = out.write_all(&line);
             }
             Message::Flush(ack) => {
+                // A gap at the very end (the exit's flush) is reported too.
+                report_gap(&mut out);
                 let _ = out.flush();
                 let _ = ack.try_send(());
             }
@@ -165,6 +171,12 @@ mod tests {
         }
         gate.open();
         flusher.flush(Duration::from_secs(10));
+        // The gap is reported by the flush itself, with no line after it.
+        assert!(
+            gate.text().contains("log line(s) dropped"),
+            "{}",
+            gate.text()
+        );
         w.write_all(b"after\n").unwrap();
         flusher.flush(Duration::from_secs(10));
         let text = gate.text();

@@ -46,6 +46,12 @@ fn main() -> ExitCode {
         match log_sink::non_blocking(std::io::stderr(), log_sink::CAPACITY) {
             Ok((writer, f)) => {
                 logger.target(env_logger::Target::Pipe(Box::new(writer)));
+                // A panic's message goes straight to stderr: what was logged before it first.
+                let (on_panic, default_hook) = (f.clone(), std::panic::take_hook());
+                std::panic::set_hook(Box::new(move |info| {
+                    on_panic.flush(LOG_FLUSH_WAIT);
+                    default_hook(info);
+                }));
                 flusher = Some(f);
             }
             Err(e) => eprintln!("balancer: logging straight to stderr (no log thread: {e})"),
@@ -364,6 +370,11 @@ impl PinGuard {
 
 impl Drop for PinGuard {
     fn drop(&mut self) {
+        // A panic leaves the workers running and the group's record for a successor to adopt:
+        // the pins stay too, so that its counters continue.
+        if std::thread::panicking() {
+            return;
+        }
         if let Some(dir) = &self.dir {
             Steering::unpin(dir, &self.addrs, self.owns_dir);
         }

@@ -9,6 +9,7 @@ use std::{
 use crate::procfs;
 
 const TCP_LISTEN: u8 = 0x0A;
+const TCP_SYN_RECV: u8 = 0x03;
 
 /// A listening TCP socket found in `/proc/net`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,20 +94,49 @@ pub fn describe_holders(addr: SocketAddr) -> String {
     }
 }
 
-fn parse_listeners(text: &str) -> Vec<Listener> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-            if u8::from_str_radix(state, 16).ok()? != TCP_LISTEN {
-                return None;
-            }
-            Some(Listener {
-                addr: parse_addr(local)?,
-                inode: inode.parse().ok()?,
-            })
+/// Connections still in their handshake (request sockets, `SYN_RECV`) on any of `addrs`: the
+/// client's `connect` may have returned, and its final ACK will put the connection in the
+/// listener's accept queue.
+pub fn half_open(addrs: &[SocketAddr]) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|file| fs::read_to_string(file).ok())
+        .map(|text| count_half_open(&text, addrs))
+        .sum()
+}
+
+fn count_half_open(text: &str, addrs: &[SocketAddr]) -> usize {
+    // A request socket's local address is the one the client dialled: under a wildcard
+    // listener, any address of the same family.
+    let ours = |local: &SocketAddr| {
+        addrs.iter().any(|a| {
+            a.port() == local.port()
+                && (a.ip() == local.ip()
+                    || (a.ip().is_unspecified() && a.is_ipv4() == local.is_ipv4()))
         })
+    };
+    entries(text)
+        .filter(|(local, state, _)| *state == TCP_SYN_RECV && ours(local))
+        .count()
+}
+
+/// Every entry of a `/proc/net/tcp{,6}` table: local address, state, inode.
+fn entries(text: &str) -> impl Iterator<Item = (SocketAddr, u8, u64)> + '_ {
+    text.lines().skip(1).filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+        Some((
+            parse_addr(local)?,
+            u8::from_str_radix(state, 16).ok()?,
+            inode.parse().ok()?,
+        ))
+    })
+}
+
+fn parse_listeners(text: &str) -> Vec<Listener> {
+    entries(text)
+        .filter(|(_, state, _)| *state == TCP_LISTEN)
+        .map(|(addr, _, inode)| Listener { addr, inode })
         .collect()
 }
 
@@ -154,6 +184,22 @@ mod tests {
                 inode: 12345
             }]
         );
+    }
+
+    #[test]
+    fn counts_the_handshakes_in_progress_on_the_addresses() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:1F90 0100007F:C351 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 100 0 0 10 0
+   3: 0100007F:1F91 0100007F:C352 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 100 0 0 10 0
+   4: 0100007F:1F90 0100007F:C353 01 00000000:00000000 00:00000000 00000000     0        0 999 1 0000000000000000 100 0 0 10 0
+";
+        let ours: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(count_half_open(text, &[ours]), 2);
+        assert_eq!(count_half_open(text, &["0.0.0.0:8080".parse().unwrap()]), 2);
+        assert_eq!(count_half_open(text, &["[::]:8080".parse().unwrap()]), 0);
+        assert_eq!(count_half_open(text, &[]), 0);
     }
 
     #[test]

@@ -239,7 +239,7 @@ impl SocketGroup {
         let mut out = Vec::new();
         for (n, a) in self.addresses.iter().enumerate() {
             for (slot, s) in (0u32..).zip(&a.sockets) {
-                if tcp_info(s).is_ok_and(|i| i.tcpi_state != TCP_LISTEN) {
+                if tcp_info(s).is_ok() && !is_listening(s) {
                     out.push((n, slot));
                 }
             }
@@ -338,6 +338,11 @@ pub enum Relisten {
 
 /// `TCP_LISTEN` of the kernel's TCP states (`tcpi_state`).
 const TCP_LISTEN: u8 = 10;
+
+/// Whether `socket` is listening.
+pub fn is_listening(socket: &Socket) -> bool {
+    tcp_info(socket).is_ok_and(|i| i.tcpi_state == TCP_LISTEN)
+}
 
 /// The accept-queue length of a listening socket: `tcpi_unacked` of `TCP_INFO` is the number
 /// of established connections not yet accepted.

@@ -86,8 +86,9 @@ pub struct Steering {
     slots: u32,
     active: u32,
     switched_at: Option<Instant>,
-    /// [`Config::flags`] for every config written from now on.
+    /// [`Config::flags`] and [`Config::refuse_until_ns`] for every config written from now on.
     flags: u32,
+    refuse_until_ns: u64,
 }
 
 impl Steering {
@@ -170,6 +171,7 @@ impl Steering {
             active: 1,
             switched_at: None,
             flags: 0,
+            refuse_until_ns: 0,
         };
         // An adopted socket is still in the dead controller's socket array (a socket can be in
         // one at a time), which lives as long as the old program: it goes in after ours is
@@ -196,7 +198,14 @@ impl Steering {
                 .ok_or(SteeringError::Missing("select program"))?
                 .try_into()
                 .map_err(|e: ProgramError| SteeringError::Load(e.to_string()))?;
-            let Some(first) = address.sockets.first() else {
+            // Through a listening socket: one a worker shut down (and not yet replaced) is in
+            // no group, and attaching through it would miss the real one.
+            let Some(first) = address
+                .sockets
+                .iter()
+                .find(|s| crate::socket_group::is_listening(s))
+                .or(address.sockets.first())
+            else {
                 continue;
             };
             program
@@ -246,6 +255,7 @@ impl Steering {
             active: next,
             spill_depth,
             flags: self.flags,
+            refuse_until_ns: self.refuse_until_ns,
         };
         for i in &mut self.instances {
             i.config
@@ -260,9 +270,15 @@ impl Steering {
         Ok(())
     }
 
-    /// From now on the program refuses every new connection (it still places connections
-    /// migrating from a closing socket): the controller is stopping.
-    pub fn refuse_new(&mut self) -> Result<(), SteeringError> {
+    /// From now on, and for at most `for_at_most`, the program refuses every new connection
+    /// (it still places connections migrating from a closing socket): the controller is
+    /// stopping.
+    pub fn refuse_new(&mut self, for_at_most: Duration) -> Result<(), SteeringError> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_err(|e| SteeringError::Load(format!("reading CLOCK_MONOTONIC: {e}")))?;
+        let now_ns = Duration::from(now).as_nanos();
+        self.refuse_until_ns =
+            u64::try_from(now_ns.saturating_add(for_at_most.as_nanos())).unwrap_or(u64::MAX);
         self.flags |= FLAG_REFUSE_NEW;
         for i in &mut self.instances {
             let mut config = i.config.get(&0, 0).map_err(|source| SteeringError::Map {
@@ -270,6 +286,7 @@ impl Steering {
                 source,
             })?;
             config.flags = self.flags;
+            config.refuse_until_ns = self.refuse_until_ns;
             i.config
                 .set(0, config, 0)
                 .map_err(|source| SteeringError::Map {

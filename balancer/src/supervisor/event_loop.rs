@@ -153,9 +153,10 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
-                sup.on_sample().await;
-                // Samples change nothing the record keeps.
-                continue;
+                // Samples change nothing the record keeps, unless one started a restart.
+                if !sup.on_sample().await {
+                    continue;
+                }
             }
             _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
             _ = int.recv() => { info!("SIGINT: stopping workers"); break; }

@@ -206,6 +206,9 @@ pub trait Host {
     /// Samples every accept queue (`[address][slot]`) and hands the depths to the program.
     fn sample_queues(&mut self) -> Vec<Vec<u32>>;
 
+    /// Connections on the listen addresses still in their handshake (request sockets).
+    fn half_open(&mut self) -> usize;
+
     /// Moves running workers to new CPUs; a note for the operator when some could not be.
     async fn repin(&mut self, plan: Vec<Repin>) -> Option<String>;
 
@@ -227,9 +230,9 @@ pub trait Host {
     /// Prints the counters table.
     fn print_counters(&mut self, slots: &[SlotView]);
 
-    /// Makes the program refuse every new connection (shutdown: what is queued drains, nothing
-    /// new queues on sockets about to close).
-    fn refuse_new(&mut self) -> Result<(), HostError>;
+    /// Makes the program refuse every new connection for at most `for_at_most` (shutdown:
+    /// what is queued drains, nothing new queues on sockets about to close).
+    fn refuse_new(&mut self, for_at_most: Duration) -> Result<(), HostError>;
 
     /// Detaches the program before the sockets close (shutdown).
     fn detach(&mut self);

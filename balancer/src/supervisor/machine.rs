@@ -44,8 +44,11 @@ pub struct Supervisor<H: Host> {
     pub(super) manager_status: String,
     /// When the group's sockets are next checked (see `socket_check`).
     pub(super) next_socket_check: Option<Instant>,
-    /// Slots whose worker holds a socket the group replaced: each gets a rolling restart.
-    pub(super) stale: std::collections::BTreeSet<u32>,
+    /// Slots whose worker holds a socket the group replaced (slot → that worker's pid): each
+    /// gets a rolling restart, until a worker of its own serves it.
+    pub(super) stale: std::collections::BTreeMap<u32, u32>,
+    /// Slots whose queue the stop's drain moved to others (once each).
+    pub(super) drain_evacuated: std::collections::BTreeSet<u32>,
 }
 
 impl<H: Host> Supervisor<H> {
@@ -68,6 +71,7 @@ impl<H: Host> Supervisor<H> {
             manager_status: String::new(),
             next_socket_check: None,
             stale: Default::default(),
+            drain_evacuated: Default::default(),
         }
     }
 

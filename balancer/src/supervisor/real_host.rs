@@ -26,8 +26,8 @@ use tokio::{
 
 use super::{
     host::{
-        Evacuation, Event, Host, HostError, Publish, RepairOutcome, Repin, SlotSnapshot,
-        SocketRepair, Timer, WorkerExit,
+        Evacuation, Event, Host, HostError, Publish, Repin, SlotSnapshot, SocketRepair, Timer,
+        WorkerExit,
     },
     settings::Steer,
     slot::Generation,
@@ -443,16 +443,19 @@ impl Host for RealHost {
             return Vec::new();
         }
         let repairs = group_repair::check(&mut self.group, &mut self.steering);
-        let mut recreated: Vec<u32> = repairs
+        let recreated: std::collections::BTreeSet<u32> = repairs
             .iter()
-            .filter(|r| r.outcome == RepairOutcome::Recreated)
+            .filter(|r| r.replaced)
             .map(|r| r.slot)
             .collect();
-        recreated.dedup();
         for slot in recreated {
             self.restore_sockets(slot);
         }
         repairs
+    }
+
+    fn half_open(&mut self) -> usize {
+        crate::proc_net::half_open(&self.addresses())
     }
 
     fn sample_queues(&mut self) -> Vec<Vec<u32>> {
@@ -542,8 +545,10 @@ impl Host for RealHost {
         }
     }
 
-    fn refuse_new(&mut self) -> Result<(), HostError> {
-        self.steering.refuse_new().map_err(HostError::Steering)
+    fn refuse_new(&mut self, for_at_most: Duration) -> Result<(), HostError> {
+        self.steering
+            .refuse_new(for_at_most)
+            .map_err(HostError::Steering)
     }
 
     fn detach(&mut self) {

@@ -9,8 +9,11 @@ use super::{host::Host, lifecycle::round_ms, machine::Supervisor, slot::Membersh
 use crate::stall::Transition;
 
 impl<H: Host> Supervisor<H> {
-    /// Samples every accept queue and reacts to what stall detection makes of it.
-    pub async fn on_sample(&mut self) {
+    /// Samples every accept queue and reacts to what stall detection makes of it. Returns
+    /// whether it started an operation (a restart of a worker whose socket was replaced),
+    /// the only change a sample makes to what the group's record keeps.
+    pub async fn on_sample(&mut self) -> bool {
+        let idle = self.op.is_none();
         let started = self.host.now();
         let depths = self.host.sample_queues();
         self.sampling_spent += self.host.now().saturating_duration_since(started);
@@ -69,6 +72,7 @@ impl<H: Host> Supervisor<H> {
             self.next_socket_check = Some(now + every);
             self.check_sockets();
         }
+        idle && self.op.is_some()
     }
 
     /// Slots that have had no ready worker for the stall timeout (a worker that keeps
@@ -97,7 +101,7 @@ impl<H: Host> Supervisor<H> {
 
     /// Moves what is queued on a stalled (or workerless) slot to live slots (never when no
     /// other slot is live: the kernel would have nowhere to put the connections).
-    fn evacuate(&mut self, slot: u32) {
+    pub(super) fn evacuate(&mut self, slot: u32) {
         if !self.others_live(slot) {
             warn!("slot {slot}: not evacuated: no other slot is live");
             return;
@@ -117,7 +121,7 @@ impl<H: Host> Supervisor<H> {
         }
         if evacuation.recreated {
             warn!("slot {slot}: a socket could not listen again after its evacuation: a new one took its place; restarting the slot's worker to hand it over");
-            self.stale.insert(slot);
+            self.mark_stale(slot);
             self.restart_stale();
         }
         let now = self.host.now();

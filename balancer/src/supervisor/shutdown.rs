@@ -6,6 +6,8 @@
 //! The drain is what keeps a stop from costing connections: the controller holds every
 //! socket, so anything still queued when it exits is reset, and a worker told to stop first
 //! would stop accepting while its queue kept filling.
+use std::time::Duration;
+
 use log::error;
 use nix::sys::signal::Signal;
 
@@ -15,6 +17,10 @@ use super::{
     slot::{Occupant, Phase, Slot},
 };
 use crate::control::protocol::{ErrorKind, ErrorReply};
+
+/// How much longer than the drain and the stop's grace the refusal lasts (the reaping of the
+/// workers, and room to spare).
+const REFUSAL_MARGIN: Duration = Duration::from_secs(10);
 
 impl<H: Host> Supervisor<H> {
     /// Stops respawning, answers the pending operation and has the program refuse new
@@ -34,19 +40,46 @@ impl<H: Host> Supervisor<H> {
             }
         }
         self.host.tell_manager("STOPPING=1");
-        if let Err(e) = self.host.refuse_new() {
+        // Longer than the stop can take (the drain and the stop each get the grace, then the
+        // reaping): should this controller die before it ends, the workers, which outlive
+        // it, serve new connections again after that, instead of refusing them for good.
+        let refusal = self
+            .settings
+            .grace
+            .saturating_mul(2)
+            .saturating_add(REFUSAL_MARGIN);
+        if let Err(e) = self.host.refuse_new(refusal) {
             error!("cannot refuse new connections while the workers drain: {e}; new connections still queue until the sockets close");
         }
         self.tell_manager_status();
     }
 
-    /// Whether every slot's worker has accepted everything queued on its socket (sampled now).
-    /// A slot without a running worker has no one to drain it and is not waited for.
+    /// Whether every slot's worker has accepted everything queued on its socket, and no
+    /// connection is still in its handshake (sampled now). A connection whose client's
+    /// `connect` already returned may still be waiting for its final ACK: it joins a queue
+    /// when that arrives, and is waited for too.
+    ///
+    /// A queue no worker will take (its slot has no worker, or a stalled one) is moved to the
+    /// slots that drain, once per slot; if none can take it, it is waited for with the rest.
     pub fn drained(&mut self) -> bool {
         let depths = self.host.sample_queues();
-        self.slots.iter().enumerate().all(|(i, s)| {
-            s.current().is_none() || depths.iter().filter_map(|a| a.get(i)).all(|d| *d == 0)
-        })
+        let mut empty = true;
+        for i in 0..self.slots.len() {
+            let depth: u32 = depths.iter().filter_map(|a| a.get(i)).sum();
+            if depth == 0 {
+                continue;
+            }
+            let s = &self.slots[i];
+            let stuck = s.current().is_none() || s.stall.is_stalled();
+            if stuck && !self.drain_evacuated.contains(&(i as u32)) {
+                self.drain_evacuated.insert(i as u32);
+                self.evacuate(i as u32);
+                continue;
+            }
+            // A slot without a worker whose queue could not be moved has no one to drain it.
+            empty &= self.slots[i].current().is_none();
+        }
+        empty && self.host.half_open() == 0
     }
 
     /// SIGTERM to every worker (after the drain).

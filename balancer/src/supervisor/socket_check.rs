@@ -22,8 +22,7 @@ impl<H: Host> Supervisor<H> {
                     warn!("slot {slot}: its socket on {addr} {what}: repaired");
                 }
                 RepairOutcome::Recreated => {
-                    warn!("slot {slot}: its socket on {addr} {what} and could not listen again: a new one took its place; restarting the slot's worker to hand it over");
-                    self.stale.insert(slot);
+                    warn!("slot {slot}: its socket on {addr} {what}: a new one took its place; restarting the slot's worker to hand it over");
                 }
                 RepairOutcome::Failed(why) => {
                     error!(
@@ -31,26 +30,38 @@ impl<H: Host> Supervisor<H> {
                     );
                 }
             }
+            if r.replaced {
+                self.mark_stale(slot);
+            }
         }
         self.restart_stale();
     }
 
-    /// Starts a rolling restart of the next slot whose worker holds a replaced socket, unless
-    /// another operation runs (it is tried again at the next check) or the slot has no worker
-    /// (its next one gets the new socket anyway).
+    /// Notes that `slot`'s worker holds a socket the group replaced. A slot without a worker
+    /// needs nothing: its next worker gets the new socket.
+    pub(super) fn mark_stale(&mut self, slot: u32) {
+        if let Some(w) = self.slots.get(slot as usize).and_then(|s| s.current()) {
+            self.stale.insert(slot, w.pid);
+        }
+    }
+
+    /// Forgets the slots whose worker is no longer the one that held a replaced socket (a
+    /// restart, or a death and respawn, gave them one of their own), then starts a rolling
+    /// restart of the next one left, unless another operation runs. A restart that fails
+    /// leaves the old worker, and the slot, to be tried again at the next check.
     pub(super) fn restart_stale(&mut self) {
+        let slots = &self.slots;
+        self.stale.retain(|slot, pid| {
+            slots
+                .get(*slot as usize)
+                .and_then(|s| s.current())
+                .is_some_and(|w| w.pid == *pid)
+        });
         if self.op.is_some() || self.stopping() {
             return;
         }
-        while let Some(slot) = self.stale.pop_first() {
-            let serving = self
-                .slots
-                .get(slot as usize)
-                .is_some_and(|s| s.current().is_some());
-            if serving {
-                self.start_restart(Some(slot), Responder::nobody());
-                return;
-            }
+        if let Some(&slot) = self.stale.keys().next() {
+            self.start_restart(Some(slot), Responder::nobody());
         }
     }
 }

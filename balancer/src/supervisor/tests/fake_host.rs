@@ -63,7 +63,9 @@ pub enum Call {
     Repin(Vec<Repin>),
     Announce(String),
     PrintCounters(Vec<SlotView>),
-    RefuseNew,
+    RefuseNew {
+        for_at_most: Duration,
+    },
     Detach,
 }
 
@@ -107,6 +109,8 @@ pub struct FakeHost {
     pub socket_faults: Vec<SocketRepair>,
     /// Socket checks so far.
     pub socket_checks: u32,
+    /// Connections in their handshake, as the next drain checks see them.
+    pub half_open: usize,
     next_pid: u32,
 }
 
@@ -125,6 +129,7 @@ impl FakeHost {
             evacuation: Evacuation::default(),
             socket_faults: Vec::new(),
             socket_checks: 0,
+            half_open: 0,
             manager: Vec::new(),
             record: Vec::new(),
             stored: Default::default(),
@@ -313,6 +318,10 @@ impl Host for FakeHost {
         vec![self.depths.clone()]
     }
 
+    fn half_open(&mut self) -> usize {
+        self.half_open
+    }
+
     async fn repin(&mut self, plan: Vec<Repin>) -> Option<String> {
         self.calls.push(Call::Repin(plan));
         None
@@ -350,8 +359,8 @@ impl Host for FakeHost {
         self.calls.push(Call::PrintCounters(slots.to_vec()));
     }
 
-    fn refuse_new(&mut self) -> Result<(), HostError> {
-        self.calls.push(Call::RefuseNew);
+    fn refuse_new(&mut self, for_at_most: Duration) -> Result<(), HostError> {
+        self.calls.push(Call::RefuseNew { for_at_most });
         Ok(())
     }
 

@@ -32,6 +32,7 @@ fn recreated(slot: u32) -> SocketRepair {
         addr: "127.0.0.1:1".parse().unwrap(),
         fault: SocketFault::NotListening,
         outcome: RepairOutcome::Recreated,
+        replaced: true,
     }
 }
 
@@ -47,8 +48,17 @@ async fn sockets_are_checked_once_a_second_not_on_every_sample() {
 async fn a_replaced_socket_gets_its_worker_restarted_once() {
     let mut sup = ready(2).await;
     let old = pid(&sup, 1);
+    super::advance(&mut sup, Duration::from_millis(1)).await;
+    assert!(
+        !sup.on_sample().await,
+        "nothing to repair: the record stays as it is"
+    );
+    super::advance(&mut sup, Duration::from_secs(1)).await;
     sup.host_mut().socket_faults = vec![recreated(1)];
-    sample_ms(&mut sup, 1).await;
+    assert!(
+        sup.on_sample().await,
+        "a restart started: the record must be saved"
+    );
     assert_eq!(
         spawns(&sup),
         [1],
@@ -114,4 +124,33 @@ async fn an_evacuation_that_replaced_a_socket_restarts_the_slot() {
         sup.host().calls
     );
     assert_eq!(spawns(&sup), [1], "{:?}", sup.host().calls);
+}
+
+#[tokio::test]
+async fn a_replaced_socket_whose_restart_failed_is_restarted_again() {
+    let mut sup = ready(2).await;
+    let old = pid(&sup, 1);
+    // Replaced, and publishing the new socket failed: the worker still must be restarted.
+    sup.host_mut().socket_faults = vec![SocketRepair {
+        outcome: RepairOutcome::Failed("no room".into()),
+        ..recreated(1)
+    }];
+    sample_ms(&mut sup, 1).await;
+    assert_eq!(spawns(&sup), [1], "{:?}", sup.host().calls);
+    // The successor dies before it is ready: the old worker stays, holding the dead socket.
+    let successor = super::last_started(&sup);
+    super::exit(
+        &mut sup,
+        successor,
+        crate::supervisor::host::WorkerExit::Code(1),
+    )
+    .await;
+    assert_eq!(pid(&sup, 1), old);
+    // The next check restarts it again; once a successor is ready, it is done.
+    sample_ms(&mut sup, 1000).await;
+    assert_eq!(spawns(&sup), [1, 1], "{:?}", sup.host().calls);
+    let successor = super::last_started(&sup);
+    sup.on_notify_ready(successor).await;
+    sample_ms(&mut sup, 2000).await;
+    assert_eq!(spawns(&sup), [1, 1]);
 }

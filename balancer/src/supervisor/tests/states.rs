@@ -162,7 +162,14 @@ async fn shutdown_answers_the_pending_operation_and_signals_every_worker() {
         ErrorKind::Failed
     );
     // New connections are refused first; the workers keep accepting what is queued.
-    assert_eq!(sup.host().calls, [Call::RefuseNew]);
+    // For as long as the stop can take (grace 5 s twice, 10 s to spare), not for good: the
+    // refusal outlives a controller killed while it stops, and must end.
+    assert_eq!(
+        sup.host().calls,
+        [Call::RefuseNew {
+            for_at_most: Duration::from_secs(20)
+        }]
+    );
     sup.stop_workers();
     let mut termed: Vec<u32> = sup
         .host()
@@ -369,12 +376,20 @@ async fn a_stop_waits_for_the_queues_of_running_workers_only() {
         "no worker is told to stop while it drains: {:?}",
         sup.host().calls
     );
-    // Slot 0's worker dies: no one will accept its queue, and no one is respawned to.
-    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    // A connection still in its handshake is waited for: its final ACK queues it.
+    sup.host_mut().depths = vec![0, 0];
+    sup.host_mut().half_open = 1;
+    assert!(!sup.drained());
+    sup.host_mut().half_open = 0;
     assert!(sup.drained());
-    assert!(!sup
-        .host()
-        .calls
-        .iter()
-        .any(|c| matches!(c, Call::Spawn { .. })));
+    // Slot 0's worker dies with 3 queued: no one is respawned to accept them, so they move
+    // to slot 1, whose worker drains them (once: the next check waits for slot 1).
+    sup.host_mut().depths = vec![3, 0];
+    exit(&mut sup, p0, WorkerExit::Signal(9)).await;
+    sup.host_mut().take_calls();
+    assert!(sup.drained(), "the fake moved slot 0's queue at once");
+    assert_eq!(sup.host().calls, [Call::Evacuate { slot: 0 }]);
+    sup.host_mut().depths = vec![0, 2];
+    assert!(!sup.drained());
+    assert_eq!(sup.host().calls, [Call::Evacuate { slot: 0 }]);
 }
