@@ -7,12 +7,14 @@
 //! - [`restart`]: a crashed controller and its restart ([`Crashed`]);
 //! - [`process`]: liveness, and the cleanup by `BALANCER_TEST_TAG` ([`kill_tagged`]);
 //! - [`cli`]: one-shot runs of the binary ([`run_to_end`]);
+//! - [`control`]: raw frames to a control socket ([`raw_exchange`]);
 //! - [`report`]: the counters table ([`parse_report`]);
 //! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]);
 //! - [`load`], [`slots`]: what the control tests share.
 pub mod balancer;
 pub mod bpffs;
 pub mod cli;
+pub mod control;
 pub mod load;
 pub mod process;
 pub mod report;
@@ -28,6 +30,7 @@ pub use balancer_bench::client::{
 pub use balancer_common::SlotCounters;
 pub use bpffs::{pinned_dir, BpfFs};
 pub use cli::{ok, parse_cli_error, run_to_end, Finished};
+pub use control::{frame, raw_exchange};
 pub use load::{Load, Phased, PHASE_ANSWERS};
 pub use process::{
     alive, environ_has_tag, kill_tagged, new_tag, process_group, tagged_pids, wait_gone,

@@ -11,11 +11,13 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
+
 /// Build, setup and test tasks for balancer.
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test"
+    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask fuzz --seconds 300"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,9 +43,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests and
-    /// the benchmark's smoke pass (as root).
+    /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests, the
+    /// benchmark's smoke pass (as root) and a short fuzzing pass.
     Test,
+    /// Run the cargo-fuzz targets (control frames, CLI arguments) for a bounded time each on
+    /// fuzz/corpus/<target>, growing and then minimising the corpus; fails on a crash with
+    /// the crashing input's path. Installs cargo-fuzz when missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+        seconds: u32,
+    },
     /// Benchmark balancer against the setups users would pick instead; writes
     /// bench/results/<date>/ and docs/performance.md.
     Bench {
@@ -57,6 +67,9 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
+/// Seconds per fuzz target in `cargo xtask test`: enough to replay the corpus and explore a
+/// little, within the CI budget.
+const FUZZ_TEST_SECONDS: u32 = 15;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -66,6 +79,9 @@ fn main() -> ExitCode {
         Task::Run { release, args } => setup().and_then(|()| run(release, args)),
         Task::Test => setup().and_then(|()| test()),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Task::Fuzz { seconds } => {
+            fuzz::fuzz(&root_dir(), &target_dir(), seconds, fuzz::Corpus::Grow)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -342,6 +358,12 @@ fn test() -> Result<()> {
         "balancer-ebpf/Cargo.toml",
         "--check",
     ]))?;
+    sh(Command::new("cargo").current_dir(&root).args([
+        "fmt",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--check",
+    ]))?;
     step("cargo clippy -D warnings");
     sh(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     sh(cargo_with_object(&object).args([
@@ -386,6 +408,15 @@ fn test() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
+    step(&format!(
+        "fuzzing pass ({FUZZ_TEST_SECONDS} s per target; `cargo xtask fuzz` runs longer)"
+    ));
+    fuzz::fuzz(
+        &root,
+        &target_dir(),
+        FUZZ_TEST_SECONDS,
+        fuzz::Corpus::ReadOnly,
+    )?;
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
 }

@@ -221,8 +221,8 @@ async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
 
 /// Answers the frames of one client until it hangs up, goes idle, or sends something that
 /// cannot be framed: each request is decoded, [`authorize`]d, and only then forwarded to
-/// `commands`.
-async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+/// `commands`. Public for the control-frame fuzz target, which feeds it arbitrary bytes.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer_uid: Option<u32>,
     own_uid: u32,
@@ -369,7 +369,7 @@ mod tests {
         let (mut client, task, requests) = serve(Some(FOREIGN));
         let answer: Outcome = Ok(Reply::Status(status_report()));
         let supervisor = supervisor(requests, Request::Status, answer.clone());
-        let got = exchange(&mut client, &encode_request(&Request::Status)).await;
+        let got = exchange(&mut client, &encode_request(&Request::Status).unwrap()).await;
         assert_eq!(got, answer);
         nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
     }
@@ -377,7 +377,11 @@ mod tests {
     #[tokio::test]
     async fn a_change_from_a_foreign_uid_is_refused_and_never_forwarded() {
         let (mut client, task, requests) = serve(Some(FOREIGN));
-        let got = exchange(&mut client, &encode_request(&Request::Scale { workers: 1 })).await;
+        let got = exchange(
+            &mut client,
+            &encode_request(&Request::Scale { workers: 1 }).unwrap(),
+        )
+        .await;
         let e = got.unwrap_err();
         assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e:?}");
         assert!(e.message.contains(&format!("uid {FOREIGN} ")), "{e:?}");
@@ -413,7 +417,7 @@ mod tests {
         });
         let supervisor = supervisor(requests, request.clone(), answer.clone());
         assert_eq!(
-            exchange(&mut client, &encode_request(&request)).await,
+            exchange(&mut client, &encode_request(&request).unwrap()).await,
             answer
         );
         nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
