@@ -76,7 +76,7 @@ fn a_client_that_never_reads_its_replies_is_disconnected_and_others_are_answered
     let b = Balancer::start(&["--workers", "1"]);
     let mut s = UnixStream::connect(&b.control).unwrap();
     s.set_nonblocking(true).unwrap();
-    let payload = encode_request(&Request::Status);
+    let payload = encode_request(&Request::Status).unwrap();
     let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes().to_vec();
     frame.extend_from_slice(&payload);
     // Status requests until the socket takes no more for a while: the replies fill our

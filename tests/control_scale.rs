@@ -2,10 +2,12 @@
 //! a scale-up that fails, and re-pinning of running workers.
 use std::{thread, time::Duration};
 
+use balancer::control::protocol::Reply;
+use balancer_common::MAX_SLOTS;
 use balancer_tests::{
-    all_ready, balancer_bin, get, ok, parse_cpu_list, pids, pin_thread, read_answer,
-    refusable_group, run_to_end, send_request, sum, two_or_more_cpus, worker_pids, Answer,
-    Balancer, ErrorKind, SlotState,
+    all_ready, balancer_bin, frame, get, ok, parse_cpu_list, pids, pin_thread, raw_exchange,
+    read_answer, refusable_group, run_to_end, send_request, sum, two_or_more_cpus, worker_pids,
+    Answer, Balancer, ErrorKind, SlotState,
 };
 
 #[test]
@@ -286,4 +288,45 @@ fn scale_down_spreads_migrated_connections_over_the_live_slots() {
         migrated.iter().all(|m| *m > 0),
         "both live slots took part of the migrated queue: {migrated:?} ({out})"
     );
+}
+
+/// The controller's own range check on `scale`, which the CLI never lets a request reach
+/// (clap refuses 0 and 129 first): raw frames asking for 0 and for MAX_SLOTS + 1 workers are
+/// refused as `invalid`, naming the range, and change nothing.
+#[test]
+fn a_raw_scale_to_zero_or_past_the_limit_is_refused_and_changes_nothing() {
+    let b = Balancer::start(&["--workers", "2"]);
+    let before = b.status();
+    assert_eq!(before.slots.len(), 2, "{before:?}");
+    let policy_before = b.policy();
+    let scale = |workers: u32| {
+        let payload =
+            format!(r#"{{"version":1,"request":{{"type":"scale","workers":{workers}}}}}"#);
+        raw_exchange(&b.control, &frame(payload.as_bytes()))
+    };
+    for workers in [0, MAX_SLOTS + 1] {
+        match scale(workers) {
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Invalid, "{workers} workers: {e:?}");
+                assert!(
+                    e.message.contains(&format!("give 1 to {MAX_SLOTS}")),
+                    "{workers} workers: {e:?}"
+                );
+            }
+            Ok(reply) => panic!("scale to {workers} workers was accepted: {reply:?}"),
+        }
+        let after = b.status();
+        assert_eq!(after.slots.len(), 2, "after {workers}: {after:?}");
+        assert_eq!(pids(&after), pids(&before), "after {workers}");
+        let states = |s: &balancer_tests::StatusReport| -> Vec<SlotState> {
+            s.slots.iter().map(|slot| slot.state).collect()
+        };
+        assert_eq!(states(&after), states(&before), "after {workers}");
+    }
+    assert_eq!(b.policy(), policy_before);
+    // The same raw path reaches the range check's other side: an in-range scale is served.
+    match scale(2) {
+        Ok(Reply::Done { message }) => assert!(message.contains("already 2"), "{message}"),
+        other => panic!("a scale to the current size: {other:?}"),
+    }
 }

@@ -10,29 +10,10 @@ use std::{
 use balancer::control::protocol::{decode_reply, Reply};
 use balancer_common::{maps, PROGRAM_SELECT};
 use balancer_tests::{
-    alive, balancer_bin, get, ok, parse_cli_error, pids, pinned_dir, run_to_end, scratch_dir, sum,
-    unique_path, Balancer, BpfFs, ErrorKind, ErrorReply, PolicyName, SlotState, StatusReport,
-    IO_TIMEOUT,
+    alive, balancer_bin, frame, get, ok, parse_cli_error, pids, pinned_dir, raw_exchange,
+    run_to_end, scratch_dir, sum, unique_path, Balancer, BpfFs, ErrorKind, ErrorReply, PolicyName,
+    SlotState, StatusReport, IO_TIMEOUT,
 };
-
-/// Sends raw bytes on a new connection to the control socket; returns the one reply frame,
-/// decoded by the library.
-fn raw_exchange(path: &std::path::Path, bytes: &[u8]) -> Result<Reply, ErrorReply> {
-    let mut s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.write_all(bytes).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).unwrap();
-    decode_reply(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
-}
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = (payload.len() as u32).to_be_bytes().to_vec();
-    f.extend_from_slice(payload);
-    f
-}
 
 #[test]
 fn the_control_socket_answers_bad_requests_and_stays_up_unchanged() {
@@ -263,9 +244,10 @@ fn five_thousand_random_frames_change_nothing() {
     let b = Balancer::start(&["--workers", "2", "--policy", "hash"]);
     let before = b.status();
     let policy_before = b.policy();
-    let status_frame = frame(&balancer::control::protocol::encode_request(
-        &balancer::control::protocol::Request::Status,
-    ));
+    let status_frame = frame(
+        &balancer::control::protocol::encode_request(&balancer::control::protocol::Request::Status)
+            .unwrap(),
+    );
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move || {
         state ^= state << 13;

@@ -3,7 +3,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use balancer_common::MAX_SLOTS;
 
-use crate::control::protocol::PolicyName;
+use crate::control::protocol::{PolicyName, Request};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// eBPF-steered SO_REUSEPORT listener balancer with zero-loss worker supervision.
@@ -316,6 +316,86 @@ pub struct RunArgs {
     pub worker: Vec<OsString>,
 }
 
+/// A `balancer run` whose flags parse one by one but do not fit together.
+#[derive(Debug, thiserror::Error)]
+pub enum RunArgsError {
+    /// Killing stalled workers with stall detection off.
+    #[error("--kill-stalled acts on stalled slots, but --stall-timeout 0 turns stall detection off: give --stall-timeout a duration")]
+    KillStalledWithoutStalls,
+    /// A stall timeout that two samples do not fit in.
+    #[error(
+        "--stall-timeout {} is shorter than two samples (--sample-interval {}): a stall needs a queue seen not shrinking between samples; raise --stall-timeout or lower --sample-interval",
+        humantime::format_duration(*stall_timeout),
+        humantime::format_duration(*sample_interval)
+    )]
+    StallShorterThanTwoSamples {
+        /// `--stall-timeout`.
+        stall_timeout: Duration,
+        /// `--sample-interval`.
+        sample_interval: Duration,
+    },
+}
+
+impl RunArgs {
+    /// The checks across flags that clap cannot make one flag at a time (run before anything
+    /// is bound, and by the CLI fuzz target).
+    pub fn check(&self) -> Result<(), RunArgsError> {
+        if self.kill_stalled.is_some() && self.stall_timeout.is_zero() {
+            return Err(RunArgsError::KillStalledWithoutStalls);
+        }
+        // Both are at most MAX_DURATION, so doubling cannot overflow; saturate all the same.
+        let two_samples = self.sample_interval.saturating_mul(2);
+        if !self.stall_timeout.is_zero() && self.stall_timeout < two_samples {
+            return Err(RunArgsError::StallShorterThanTwoSamples {
+                stall_timeout: self.stall_timeout,
+                sample_interval: self.sample_interval,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Command {
+    /// The control request a client command sends and where to send it; `None` for the
+    /// commands that run locally (`run`, `demo-worker`, `__exec-worker`).
+    pub fn control_request(self) -> Option<(ControlArgs, Request)> {
+        Some(match self {
+            Command::Run(_) | Command::DemoWorker(_) | Command::ExecWorker { .. } => return None,
+            Command::Status(c) => (c, Request::Status),
+            Command::Policy(PolicyArgs { control, action }) => match action {
+                None => (control, Request::Policy),
+                Some(PolicyAction::Set {
+                    policy,
+                    weights,
+                    spill_depth,
+                }) => (
+                    control,
+                    Request::SetPolicy {
+                        policy,
+                        weights,
+                        spill_depth,
+                    },
+                ),
+            },
+            Command::Workers(WorkersCommand::Restart { control, slot }) => {
+                (control, Request::Restart { slot })
+            }
+            Command::Workers(WorkersCommand::Scale { control, workers }) => {
+                (control, Request::Scale { workers })
+            }
+            Command::Drain(a) => (a.control, Request::Drain { slot: a.slot }),
+            Command::Undrain(a) => (a.control, Request::Undrain { slot: a.slot }),
+            // The controller may run in another directory: send an absolute path.
+            Command::Upgrade(a) => (
+                a.control,
+                Request::Upgrade {
+                    binary: a.binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
+                },
+            ),
+        })
+    }
+}
+
 fn parse_name(s: &str) -> Result<String, String> {
     crate::group_state::check_name(s).map(|()| s.to_owned())
 }
@@ -383,6 +463,72 @@ mod tests {
                 .expect_err("must be rejected");
             assert!(err.to_string().contains(needle), "{args:?}: {err}");
         }
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["balancer", "run"].iter().chain(args)).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        *args
+    }
+
+    #[test]
+    fn flags_that_do_not_fit_together_are_refused_with_the_fix() {
+        assert!(run_args(&[]).check().is_ok());
+        let e = run_args(&["--stall-timeout", "0", "--kill-stalled", "5s"])
+            .check()
+            .unwrap_err();
+        assert!(matches!(e, RunArgsError::KillStalledWithoutStalls), "{e}");
+        let e = run_args(&["--sample-interval", "1s", "--stall-timeout", "1500ms"])
+            .check()
+            .unwrap_err();
+        assert!(
+            matches!(e, RunArgsError::StallShorterThanTwoSamples { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("raise --stall-timeout"), "{e}");
+        // Exactly two samples fit; stall detection off needs none.
+        assert!(
+            run_args(&["--sample-interval", "1s", "--stall-timeout", "2s"])
+                .check()
+                .is_ok()
+        );
+        assert!(
+            run_args(&["--sample-interval", "1s", "--stall-timeout", "0"])
+                .check()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn client_commands_map_to_their_requests() {
+        let request = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once(&"balancer").chain(args))
+                .unwrap()
+                .command
+                .control_request()
+                .map(|(_, r)| r)
+        };
+        assert_eq!(
+            request(&["workers", "scale", "3"]),
+            Some(Request::Scale { workers: 3 })
+        );
+        assert_eq!(
+            request(&["policy", "set", "hash", "--weights", "1,3"]),
+            Some(Request::SetPolicy {
+                policy: PolicyName::Hash,
+                weights: Some(vec![1, 3]),
+                spill_depth: None,
+            })
+        );
+        let Some(Request::Upgrade { binary: Some(b) }) = request(&["upgrade", "--binary", "b"])
+        else {
+            panic!("expected an upgrade with a binary")
+        };
+        assert!(b.is_absolute() && b.ends_with("b"), "{b:?}");
+        assert_eq!(request(&["run"]), None);
+        assert_eq!(request(&["demo-worker"]), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use log::{info, warn};
 
 use balancer::{
     activation,
-    cli::{Cli, Command, ControlArgs, LogLevel, PolicyAction, PolicyArgs, RunArgs, WorkersCommand},
+    cli::{Cli, Command, ControlArgs, LogLevel, RunArgs},
     control,
     control::{protocol::Request, server::ControlSocket},
     demo_worker, handover, log_sink, metrics, policy,
@@ -72,37 +72,10 @@ fn main() -> ExitCode {
         Command::DemoWorker(args) => {
             runtime().and_then(|rt| rt.block_on(demo_worker::run(args.accept_delay)))
         }
-        Command::Status(c) => control_call(&c, Request::Status),
-        Command::Policy(PolicyArgs { control, action }) => match action {
-            None => control_call(&control, Request::Policy),
-            Some(PolicyAction::Set {
-                policy,
-                weights,
-                spill_depth,
-            }) => control_call(
-                &control,
-                Request::SetPolicy {
-                    policy,
-                    weights,
-                    spill_depth,
-                },
-            ),
+        command => match command.control_request() {
+            Some((control, request)) => control_call(&control, request),
+            None => unreachable!("run, demo-worker and __exec-worker are handled above"),
         },
-        Command::Workers(WorkersCommand::Restart { control, slot }) => {
-            control_call(&control, Request::Restart { slot })
-        }
-        Command::Workers(WorkersCommand::Scale { control, workers }) => {
-            control_call(&control, Request::Scale { workers })
-        }
-        Command::Drain(a) => control_call(&a.control, Request::Drain { slot: a.slot }),
-        Command::Undrain(a) => control_call(&a.control, Request::Undrain { slot: a.slot }),
-        Command::Upgrade(a) => control_call(
-            &a.control,
-            Request::Upgrade {
-                binary: a.binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
-            },
-        ),
-        Command::ExecWorker { .. } => unreachable!("handled above"),
     };
     if let Some(f) = flusher {
         // The last lines (the shutdown's) are written before the exit, unless the output is
@@ -151,16 +124,7 @@ fn run_group(
     let started_from = std::env::current_exe().context("finding this binary's path")?;
     let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     steering::check_object()?;
-    if args.kill_stalled.is_some() && args.stall_timeout.is_zero() {
-        anyhow::bail!("--kill-stalled acts on stalled slots, but --stall-timeout 0 turns stall detection off: give --stall-timeout a duration");
-    }
-    if !args.stall_timeout.is_zero() && args.stall_timeout < args.sample_interval * 2 {
-        anyhow::bail!(
-            "--stall-timeout {} is shorter than two samples (--sample-interval {}): a stall needs a queue seen not shrinking between samples; raise --stall-timeout or lower --sample-interval",
-            humantime::format_duration(args.stall_timeout),
-            humantime::format_duration(args.sample_interval)
-        );
-    }
+    args.check()?;
     if args.grace.is_zero() {
         warn!("--grace 0: a replaced or stopped worker is killed at once, cutting the requests it is serving; give it time to finish (the default is 5s)");
     }

@@ -7,6 +7,7 @@
 //! - [`restart`]: a crashed controller and its restart ([`Crashed`]);
 //! - [`process`]: liveness, and the cleanup by `BALANCER_TEST_TAG` ([`kill_tagged`]);
 //! - [`cli`]: one-shot runs of the binary ([`run_to_end`]);
+//! - [`control`]: raw frames to a control socket ([`raw_exchange`]);
 //! - [`report`]: the counters table ([`parse_report`]);
 //! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]);
 //! - [`half_open`]: connections held half-open by nftables ([`AckDrop`]);
@@ -14,6 +15,7 @@
 pub mod balancer;
 pub mod bpffs;
 pub mod cli;
+pub mod control;
 pub mod half_open;
 pub mod load;
 pub mod process;
@@ -30,6 +32,7 @@ pub use balancer_bench::client::{
 pub use balancer_common::SlotCounters;
 pub use bpffs::{pinned_dir, BpfFs};
 pub use cli::{ok, parse_cli_error, run_to_end, Finished};
+pub use control::{frame, raw_exchange};
 pub use half_open::{syn_recv, wait_syn_recv, AckDrop};
 pub use load::{Load, Phased, PHASE_ANSWERS};
 pub use process::{

@@ -11,13 +11,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod soak;
 
 /// Build, setup and test tasks for balancer.
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events"
+    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events\n  cargo xtask fuzz --seconds 300"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,8 +46,16 @@ enum Task {
         args: Vec<OsString>,
     },
     /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests, the
-    /// benchmark's smoke pass and a 20 s chaos soak (as root).
+    /// benchmark's smoke pass, a 20 s chaos soak (as root) and a short fuzzing pass.
     Test,
+    /// Run the cargo-fuzz targets (control frames, CLI arguments) for a bounded time each on
+    /// fuzz/corpus/<target>, growing and then minimising the corpus; fails on a crash with
+    /// the crashing input's path. Installs cargo-fuzz when missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+        seconds: u32,
+    },
     /// Benchmark balancer against the setups users would pick instead; writes
     /// bench/results/<date>/ and docs/performance.md.
     Bench {
@@ -77,6 +86,9 @@ const LLVM_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
 /// What the privileged tests run besides the balancer: (command, Debian package). `nft` holds
 /// connections half-open for the migration tests.
 const TEST_TOOLS: [(&str, &str); 1] = [("nft", "nftables")];
+/// Seconds per fuzz target in `cargo xtask test`: enough to replay the corpus and explore a
+/// little, within the CI budget.
+const FUZZ_TEST_SECONDS: u32 = 15;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -93,6 +105,9 @@ fn main() -> ExitCode {
             seed,
             json,
         } => setup().and_then(|()| soak::run(seconds, seed, json)),
+        Task::Fuzz { seconds } => {
+            fuzz::fuzz(&root_dir(), &target_dir(), seconds, fuzz::Corpus::Grow)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -411,6 +426,12 @@ fn test() -> Result<()> {
         "balancer-ebpf/Cargo.toml",
         "--check",
     ]))?;
+    sh(Command::new("cargo").current_dir(&root).args([
+        "fmt",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--check",
+    ]))?;
     step("cargo clippy -D warnings");
     sh(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     sh(cargo_with_object(&object).args([
@@ -457,6 +478,15 @@ fn test() -> Result<()> {
     result?;
     step("chaos soak, 20 s (no file written; fails on any failure no killed worker held)");
     soak::test_pass(&object)?;
+    step(&format!(
+        "fuzzing pass ({FUZZ_TEST_SECONDS} s per target; `cargo xtask fuzz` runs longer)"
+    ));
+    fuzz::fuzz(
+        &root,
+        &target_dir(),
+        FUZZ_TEST_SECONDS,
+        fuzz::Corpus::ReadOnly,
+    )?;
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
 }

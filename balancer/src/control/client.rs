@@ -24,7 +24,7 @@ pub async fn call(path: &Path, request: &Request) -> anyhow::Result<Outcome> {
         ),
         _ => anyhow!("connecting to {}: {e}", path.display()),
     })?;
-    write_frame(&mut stream, &encode_request(request))
+    write_frame(&mut stream, &encode_request(request)?)
         .await
         .context("sending the request")?;
     let frame = read_frame(&mut stream).await.map_err(|e| match e {

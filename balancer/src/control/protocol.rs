@@ -376,13 +376,22 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> io
     w.flush().await
 }
 
-/// Encodes a request frame's payload.
-pub fn encode_request(request: &Request) -> Vec<u8> {
+/// A request that JSON cannot carry.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the request cannot be sent: the control protocol carries paths as UTF-8 text and a path \
+given is not valid UTF-8; rename it, or give a symlink whose path is UTF-8"
+)]
+pub struct EncodeError(#[source] serde_json::Error);
+
+/// Encodes a request frame's payload. Fails only for a path that is not UTF-8 (an
+/// `upgrade --binary` given as arbitrary bytes): JSON strings are text.
+pub fn encode_request(request: &Request) -> Result<Vec<u8>, EncodeError> {
     serde_json::to_vec(&RequestFrame {
         version: VERSION,
         request: request.clone(),
     })
-    .expect("requests always serialise")
+    .map_err(EncodeError)
 }
 
 /// Decodes a request payload, telling malformed, wrong-version and unknown requests apart.
@@ -471,7 +480,9 @@ mod tests {
             weights: Some(vec![1, 3]),
             spill_depth: None,
         };
-        write_frame(&mut a, &encode_request(&req)).await.unwrap();
+        write_frame(&mut a, &encode_request(&req).unwrap())
+            .await
+            .unwrap();
         let got = decode_request(&read_frame(&mut b).await.unwrap()).unwrap();
         assert_eq!(got, req);
         let reply: Outcome = Err(ErrorReply::new(ErrorKind::Busy, "busy"));
@@ -532,6 +543,25 @@ mod tests {
         let e = decode_request(big.as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::UnknownRequest);
         assert!(encode_reply(&Err(e)).len() < 1024);
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_refused_with_the_fix_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        // Found by the cli_args fuzz target: `balancer upgrade --binary $'\xff'` panicked.
+        let binary = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"/usr/bin/\xff"));
+        let e = encode_request(&Request::Upgrade {
+            binary: Some(binary),
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("not valid UTF-8"), "{e}");
+        let good = Request::Upgrade {
+            binary: Some("/usr/bin/balancer".into()),
+        };
+        assert_eq!(
+            decode_request(&encode_request(&good).unwrap()).unwrap(),
+            good
+        );
     }
 
     #[test]

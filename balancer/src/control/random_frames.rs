@@ -36,7 +36,7 @@ pub(crate) fn payload(seed: u64) -> Vec<u8> {
         Request::Upgrade { binary: None },
     ]
     .iter()
-    .map(encode_request)
+    .map(|r| encode_request(r).unwrap())
     .collect();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut payload = valid[rng.below(valid.len())].clone();

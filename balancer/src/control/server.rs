@@ -284,8 +284,9 @@ async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, outcome: &Outcome) -> bool
 
 /// Answers the frames of one client until it hangs up, goes idle, gives way to a new client
 /// (`place`), or sends something that cannot be framed: each request is decoded,
-/// [`authorize`]d, and only then forwarded to `commands`.
-async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+/// [`authorize`]d, and only then forwarded to `commands`. Public for the control-frame fuzz
+/// target, which feeds it arbitrary bytes.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer_uid: Option<u32>,
     own_uid: u32,

@@ -25,6 +25,9 @@ of the select-or-migrate kind (Linux 5.14+ with CONFIG_BPF_SYSCALL): {0}"
     /// The verifier rejected the program.
     #[error("the kernel's verifier rejected the steering program: {0}")]
     Rejected(String),
+    /// The embedded object is not a readable eBPF object.
+    #[error("the embedded eBPF object cannot be read ({0}); rebuild with `cargo xtask build`")]
+    Unreadable(String),
     /// The object is not the one this controller was built for.
     #[error("the embedded eBPF object has no {0}; rebuild with `cargo xtask build`")]
     Missing(&'static str),

@@ -74,8 +74,34 @@ pub struct AddressCounters {
 
 /// Fails unless this binary carries a real eBPF object (checked before anything is bound).
 pub fn check_object() -> Result<(), SteeringError> {
-    if OBJECT.len() < 4 || &OBJECT[..4] != b"\x7fELF" {
+    check_object_bytes(OBJECT)
+}
+
+/// The maps the controller takes from the object (the program's others are its own).
+const REQUIRED_MAPS: [&str; 5] = [
+    maps::SOCKETS,
+    maps::CONFIG,
+    maps::TABLES,
+    maps::COUNTERS,
+    maps::DEPTHS,
+];
+
+/// Whether `object` is an eBPF object with the program and every map the controller uses:
+/// parsed, not loaded, so that a wrong object is refused before anything is bound.
+fn check_object_bytes(object: &[u8]) -> Result<(), SteeringError> {
+    if !object.starts_with(b"\x7fELF") {
         return Err(SteeringError::NoObject);
+    }
+    let parsed =
+        aya_obj::Object::parse(object).map_err(|e| SteeringError::Unreadable(e.to_string()))?;
+    if let Some(name) = REQUIRED_MAPS
+        .into_iter()
+        .find(|name| !parsed.maps.contains_key(*name))
+    {
+        return Err(SteeringError::Missing(name));
+    }
+    if !parsed.programs.contains_key(PROGRAM_SELECT) {
+        return Err(SteeringError::Missing("select program"));
     }
     Ok(())
 }
@@ -412,15 +438,55 @@ mod tests {
 
     #[test]
     fn a_binary_without_its_object_refuses_to_start() {
-        // Unit tests build without BALANCER_EBPF_OBJ unless xtask passes it; either way the
-        // check must agree with what is embedded.
-        let real = OBJECT.starts_with(b"\x7fELF");
-        assert_eq!(check_object().is_ok(), real);
-        if !real {
-            assert!(check_object()
-                .unwrap_err()
-                .to_string()
-                .contains("cargo xtask build"));
+        for (object, what) in [(&b""[..], "empty"), (b"#!/bin/sh\n", "a script")] {
+            let e = check_object_bytes(object).unwrap_err();
+            assert!(matches!(e, SteeringError::NoObject), "{what}: {e:?}");
+            assert!(e.to_string().contains("cargo xtask build"), "{what}: {e}");
+        }
+        let e = check_object_bytes(b"\x7fELF and then nothing").unwrap_err();
+        assert!(matches!(e, SteeringError::Unreadable(_)), "{e:?}");
+    }
+
+    /// The embedded object with every occurrence of `name` (its symbol and BTF names)
+    /// replaced by a name of the same length: an object that lacks that map or program.
+    fn renamed(name: &str) -> Vec<u8> {
+        let mut object = OBJECT.to_vec();
+        let mut other = name.as_bytes().to_vec();
+        if let Some(last) = other.last_mut() {
+            *last = if *last == b'X' { b'Y' } else { b'X' };
+        }
+        let mut at = 0;
+        let mut found = 0;
+        while let Some(i) = object[at..]
+            .windows(name.len())
+            .position(|w| w == name.as_bytes())
+        {
+            object[at + i..at + i + name.len()].copy_from_slice(&other);
+            at += i + name.len();
+            found += 1;
+        }
+        assert!(found > 0, "{name} is not in the object");
+        object
+    }
+
+    #[test]
+    fn the_embedded_object_is_checked_for_every_map_and_the_program() {
+        if option_env!("BALANCER_EBPF_OBJ").is_none() {
+            // A plain `cargo test` embeds no object (`cargo xtask test` embeds it): only
+            // its refusal can be checked.
+            assert!(matches!(check_object(), Err(SteeringError::NoObject)));
+            return;
+        }
+        check_object().expect("the object `cargo xtask build` compiled passes");
+        for name in REQUIRED_MAPS {
+            match check_object_bytes(&renamed(name)) {
+                Err(SteeringError::Missing(missing)) => assert_eq!(missing, name),
+                other => panic!("an object without map {name}: {other:?}"),
+            }
+        }
+        match check_object_bytes(&renamed(PROGRAM_SELECT)) {
+            Err(SteeringError::Missing(missing)) => assert_eq!(missing, "select program"),
+            other => panic!("an object without the select program: {other:?}"),
         }
     }
 }

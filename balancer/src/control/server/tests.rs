@@ -95,7 +95,7 @@ async fn a_status_request_is_forwarded_and_its_outcome_returned() {
     let (mut client, task, requests) = serve(Some(FOREIGN));
     let answer: Outcome = Ok(Reply::Status(status_report()));
     let supervisor = supervisor(requests, Request::Status, answer.clone());
-    let got = exchange(&mut client, &encode_request(&Request::Status)).await;
+    let got = exchange(&mut client, &encode_request(&Request::Status).unwrap()).await;
     assert_eq!(got, answer);
     nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
 }
@@ -103,7 +103,11 @@ async fn a_status_request_is_forwarded_and_its_outcome_returned() {
 #[tokio::test]
 async fn a_change_from_a_foreign_uid_is_refused_and_never_forwarded() {
     let (mut client, task, requests) = serve(Some(FOREIGN));
-    let got = exchange(&mut client, &encode_request(&Request::Scale { workers: 1 })).await;
+    let got = exchange(
+        &mut client,
+        &encode_request(&Request::Scale { workers: 1 }).unwrap(),
+    )
+    .await;
     let e = got.unwrap_err();
     assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e:?}");
     assert!(e.message.contains(&format!("uid {FOREIGN} ")), "{e:?}");
@@ -139,7 +143,7 @@ async fn malformed_json_is_answered_and_the_connection_stays_usable() {
     });
     let supervisor = supervisor(requests, request.clone(), answer.clone());
     assert_eq!(
-        exchange(&mut client, &encode_request(&request)).await,
+        exchange(&mut client, &encode_request(&request).unwrap()).await,
         answer
     );
     nothing_more_forwarded(client, task, supervisor.await.unwrap()).await;
@@ -254,7 +258,7 @@ async fn a_client_that_never_reads_its_replies_is_disconnected_after_the_write_d
         }
         n
     });
-    let request = encode_request(&Request::Status);
+    let request = encode_request(&Request::Status).unwrap();
     for _ in 0..100 {
         write_frame(&mut client, &request).await.unwrap();
     }
