@@ -1,5 +1,7 @@
-//! Starting a worker by the systemd socket-activation protocol: its slot's sockets as fd 3..,
-//! `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`, plus `BALANCER_SLOT` and `NOTIFY_SOCKET`.
+//! Starting a worker on its slot's sockets (fd 3.., in `--listen` order), told of them by one of
+//! two protocols ([`SocketProtocol`]), plus `BALANCER_SLOT` and `NOTIFY_SOCKET`:
+//! - systemd socket activation: `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`;
+//! - nginx's own inheritance: `NGINX="3;4;…"` (what nginx passes itself across a binary upgrade).
 //!
 //! `LISTEN_PID` must be the worker's own pid, which only exists after the fork, and setting the
 //! environment between fork and exec is unsafe in a threaded process. So the child first
@@ -21,6 +23,45 @@ use nix::sched::CpuSet;
 
 /// The first inherited descriptor, by the protocol.
 pub const LISTEN_FDS_START: RawFd = 3;
+
+/// How a worker learns which inherited descriptors are its listening sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketProtocol {
+    /// systemd socket activation: `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` (lighttpd,
+    /// gunicorn, uvicorn, most libraries).
+    #[default]
+    Systemd,
+    /// nginx's inheritance variable: `NGINX="3;4;…"`, one number per `--listen` address, in
+    /// order (nginx must run in master mode with `daemon off;`).
+    Nginx,
+}
+
+impl SocketProtocol {
+    /// The environment that names the first `sockets` descriptors from fd 3 as listening
+    /// sockets (`LISTEN_PID` is set later, by the trampoline, for the systemd protocol).
+    pub fn env(self, sockets: usize, fd_names: &str) -> Vec<(&'static str, String)> {
+        match self {
+            Self::Systemd => vec![
+                ("LISTEN_FDS", sockets.to_string()),
+                ("LISTEN_FDNAMES", fd_names.to_owned()),
+            ],
+            // nginx takes every number terminated by ';' or ':' and ignores a tail without one.
+            Self::Nginx => vec![(
+                NGINX_VAR,
+                (0..sockets)
+                    .map(|i| format!("{};", LISTEN_FDS_START + i as RawFd))
+                    .collect(),
+            )],
+        }
+    }
+}
+
+/// nginx's socket-inheritance variable.
+const NGINX_VAR: &str = "NGINX";
+
+/// The variables of both protocols: a worker gets only its own protocol's, never ones the
+/// controller inherited (a stray `NGINX` or `LISTEN_FDS` would name descriptors wrongly).
+const PROTOCOL_VARS: [&str; 4] = ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", NGINX_VAR];
 
 /// The worker command cannot be run.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +124,8 @@ pub struct WorkerLaunch<'a> {
     pub slot: u32,
     /// The slot's sockets, one per listen address.
     pub sockets: Vec<BorrowedFd<'a>>,
+    /// How the worker is told of its sockets.
+    pub protocol: SocketProtocol,
     /// `LISTEN_FDNAMES`.
     pub fd_names: &'a str,
     /// `NOTIFY_SOCKET`.
@@ -104,14 +147,13 @@ pub const SELF_EXE: &str = "/proc/self/exe";
 /// children itself (it is their subreaper), so that their grandchildren are reaped too.
 pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
     let mut cmd = std::process::Command::new(SELF_EXE);
-    cmd.arg("__exec-worker")
-        .arg("--")
-        .args(launch.command)
-        .env("LISTEN_FDS", launch.sockets.len().to_string())
-        .env("LISTEN_FDNAMES", launch.fd_names)
+    cmd.arg("__exec-worker").arg("--").args(launch.command);
+    for var in PROTOCOL_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(launch.protocol.env(launch.sockets.len(), launch.fd_names))
         .env("BALANCER_SLOT", launch.slot.to_string())
         .env("NOTIFY_SOCKET", launch.notify_socket)
-        .env_remove("LISTEN_PID")
         // The manager's watchdog is the controller's, not the worker's.
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
@@ -175,15 +217,18 @@ pub fn spawn(launch: WorkerLaunch<'_>) -> io::Result<u32> {
     Ok(cmd.spawn()?.id())
 }
 
-/// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process and execs the worker.
-/// Returns only on failure, with the error to report.
+/// The `__exec-worker` trampoline: sets `LISTEN_PID` to this process (for the systemd
+/// protocol, the one that sets `LISTEN_FDS`) and execs the worker. Returns only on failure,
+/// with the error to report.
 pub fn exec_worker(command: &[OsString]) -> io::Error {
     let Some((program, args)) = command.split_first() else {
         return io::Error::new(io::ErrorKind::InvalidInput, "no worker command");
     };
-    // SAFETY: this process has not started any thread yet (the trampoline runs before any
-    // runtime), so nothing can read the environment concurrently.
-    unsafe { env::set_var("LISTEN_PID", std::process::id().to_string()) };
+    if env::var_os("LISTEN_FDS").is_some() {
+        // SAFETY: this process has not started any thread yet (the trampoline runs before any
+        // runtime), so nothing can read the environment concurrently.
+        unsafe { env::set_var("LISTEN_PID", std::process::id().to_string()) };
+    }
     std::process::Command::new(program).args(args).exec()
 }
 
@@ -218,6 +263,25 @@ mod tests {
             resolve_program(OsStr::new("./no/such")),
             Err(CommandError::NotFound(..))
         ));
+    }
+
+    #[test]
+    fn each_protocol_names_the_sockets_its_way() {
+        assert_eq!(
+            SocketProtocol::Systemd.env(2, "listen0:listen1"),
+            vec![
+                ("LISTEN_FDS", "2".to_owned()),
+                ("LISTEN_FDNAMES", "listen0:listen1".to_owned())
+            ]
+        );
+        assert_eq!(
+            SocketProtocol::Nginx.env(3, "unused"),
+            vec![("NGINX", "3;4;5;".to_owned())]
+        );
+        assert_eq!(
+            SocketProtocol::Nginx.env(1, ""),
+            vec![("NGINX", "3;".to_owned())]
+        );
     }
 
     #[test]

@@ -3,7 +3,11 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use balancer_common::MAX_SLOTS;
 
-use crate::control::protocol::{PolicyName, Request};
+use crate::{
+    activation::SocketProtocol,
+    control::protocol::{PolicyName, Request},
+    stop_signal::StopSignal,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// eBPF-steered SO_REUSEPORT listener balancer with zero-loss worker supervision.
@@ -200,9 +204,14 @@ pub enum LogLevel {
   sudo balancer run --listen 0.0.0.0:8080 --listen [::]:8080 --workers 4 --policy hash -- ./server
   # a free port, printed on start
   sudo balancer run --listen 127.0.0.1:0
+  # nginx as the worker (its `listen` lines name the same address; see docs/workers.md)
+  sudo balancer run --listen 127.0.0.1:8080 --socket-protocol nginx --stop-signal QUIT \\
+    -- nginx -c /etc/nginx/balancer.conf
 
-Worker i gets its slot's socket(s) as fd 3.. with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES,
-BALANCER_SLOT=i and NOTIFY_SOCKET. `kill -USR1 <controller pid>` prints the steering counters.
+Worker i gets its slot's socket(s) as fd 3.. with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES
+(or NGINX=\"3;...\" with --socket-protocol nginx), BALANCER_SLOT=i and NOTIFY_SOCKET.
+A worker told to stop gets --stop-signal (TERM), then SIGKILL after --grace.
+`kill -USR1 <controller pid>` prints the steering counters.
 
 Workers outlive the controller: if it crashes (or is killed), they keep serving with the last
 published tables, and `balancer run` with the same arguments adopts them (same pids, same
@@ -274,12 +283,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
 
-    /// How long a worker told to stop (rolling restart, scale-down, shutdown) gets to exit
-    /// before SIGKILL. On the controller's own SIGTERM/SIGINT it is also how long the workers
-    /// first get to accept what is queued while new connections are refused: a stop takes
-    /// at most twice this.
+    /// How long a worker told to stop (rolling restart, scale-down, SIGTERM/SIGINT to the
+    /// controller) gets to exit after the stop signal before SIGKILL. On the controller's own
+    /// SIGTERM/SIGINT it is also how long the workers first get to accept what is queued while
+    /// new connections are refused: a stop takes at most twice this.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// The signal that asks a worker to finish what it accepted and exit: the worker's own
+    /// graceful stop (nginx QUIT, lighttpd INT, gunicorn and uvicorn TERM). A name (TERM,
+    /// SIGQUIT, int; any case) or a number. SIGKILL follows after --grace.
+    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = crate::stop_signal::parse)]
+    pub stop_signal: StopSignal,
+
+    /// How the workers are told which inherited descriptors are their sockets: systemd's
+    /// LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES, or nginx's NGINX="3;4;..." (run nginx in master
+    /// mode with `daemon off;`, its `listen` lines naming the same addresses as --listen).
+    #[arg(long, value_enum, value_name = "PROTOCOL", default_value_t = SocketProtocol::Systemd)]
+    pub socket_protocol: SocketProtocol,
 
     /// Control socket for `balancer status`, `policy`, `workers`, `drain` (mode 0600). Its
     /// directory is created 0700 if missing; a symbolic link, another user's directory or one
@@ -443,6 +464,8 @@ mod tests {
         assert!(args.evacuate);
         assert_eq!(args.workers, None);
         assert_eq!(args.ready_timeout, Duration::from_secs(1));
+        assert_eq!(args.stop_signal, StopSignal::default());
+        assert_eq!(args.socket_protocol, SocketProtocol::Systemd);
         assert!(args.worker.is_empty());
     }
 
@@ -458,6 +481,9 @@ mod tests {
             (vec!["--kill-stalled", "30d"], "longer than a day"),
             (vec!["--name", "a.b"], "letters, digits"),
             (vec!["--name", ""], "letters, digits"),
+            (vec!["--stop-signal", "SIGNOPE"], "not a signal name"),
+            (vec!["--stop-signal", "77"], "not a signal number"),
+            (vec!["--socket-protocol", "inetd"], "possible values"),
         ] {
             let err = Cli::try_parse_from(["balancer", "run"].into_iter().chain(args.clone()))
                 .expect_err("must be rejected");

@@ -28,4 +28,5 @@ pub mod socket_group;
 pub mod stall;
 pub mod startup;
 pub mod steering;
+pub mod stop_signal;
 pub mod supervisor;

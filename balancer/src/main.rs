@@ -286,6 +286,8 @@ fn run_group(
                 pin_workers: args.pin_workers,
                 ready_timeout: args.ready_timeout,
                 grace: args.grace,
+                stop_signal: args.stop_signal.0,
+                socket_protocol: args.socket_protocol,
                 bpf_stats: args.bpf_stats,
                 spill_depth,
                 sample_interval: args.sample_interval,

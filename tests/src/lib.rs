@@ -11,16 +11,20 @@
 //! - [`report`]: the counters table ([`parse_report`]);
 //! - [`bpffs`]: a private BPF filesystem ([`BpfFs`]);
 //! - [`half_open`]: connections held half-open by nftables ([`AckDrop`]);
-//! - [`load`], [`slots`]: what the control tests share.
+//! - [`load`], [`slots`]: what the control tests share;
+//! - [`http`]: a plain HTTP client and load for real servers ([`HttpLoad`]);
+//! - [`servers`]: real servers' configurations ([`Server`]).
 pub mod balancer;
 pub mod bpffs;
 pub mod cli;
 pub mod control;
 pub mod half_open;
+pub mod http;
 pub mod load;
 pub mod process;
 pub mod report;
 pub mod restart;
+pub mod servers;
 pub mod setup;
 pub mod slots;
 
@@ -34,6 +38,7 @@ pub use bpffs::{pinned_dir, BpfFs};
 pub use cli::{ok, parse_cli_error, run_to_end, Finished};
 pub use control::{frame, raw_exchange};
 pub use half_open::{syn_recv, wait_syn_recv, AckDrop};
+pub use http::{http_get, HttpAnswer, HttpLoad};
 pub use load::{Load, Phased, PHASE_ANSWERS};
 pub use process::{
     alive, environ_has_tag, kill_tagged, new_tag, process_group, tagged_pids, wait_gone,
@@ -41,6 +46,7 @@ pub use process::{
 };
 pub use report::{parse_report, Report, Row, Unattributed, COLUMNS};
 pub use restart::{with_bound_listens, Crashed};
+pub use servers::{free_loopback_addr, group_members, Server, ServerRun};
 pub use setup::{
     balancer_bin, require_root, scratch_dir, two_or_more_cpus, unique_path, START_TIMEOUT,
 };

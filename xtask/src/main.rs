@@ -11,8 +11,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod apt;
 mod fuzz;
 mod soak;
+
+use apt::{apt_install, cannot_apt, install_test_tools};
 
 /// Build, setup and test tasks for balancer.
 #[derive(Parser)]
@@ -28,7 +31,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building the eBPF program and running the tests need (idempotent): nightly
-    /// rust-src, LLVM 22, bpf-linker 0.13, nftables.
+    /// rust-src, LLVM 22, bpf-linker 0.13, nftables, and the real servers the tests run as
+    /// workers (nginx-light, lighttpd, gunicorn) and wrk, their system services not started.
     Setup,
     /// Build the eBPF object and the `balancer` binary that embeds it.
     Build {
@@ -83,9 +87,6 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
-/// What the privileged tests run besides the balancer: (command, Debian package). `nft` holds
-/// connections half-open for the migration tests.
-const TEST_TOOLS: [(&str, &str); 1] = [("nft", "nftables")];
 /// Seconds per fuzz target in `cargo xtask test`: enough to replay the corpus and explore a
 /// little, within the CI budget.
 const FUZZ_TEST_SECONDS: u32 = 15;
@@ -271,59 +272,7 @@ sudo apt-get update\n  sudo apt-get install -y {}\n  LLVM_PREFIX={LLVM_PREFIX} c
             LLVM_PACKAGES.join(" ")
         );
     }
-    apt_install(&LLVM_PACKAGES, &[])
-}
-
-/// Installs the Debian packages of the [`TEST_TOOLS`] whose command is missing.
-fn install_test_tools() -> Result<()> {
-    let missing: Vec<&str> = TEST_TOOLS
-        .iter()
-        .filter(|(command, _)| !installed(command))
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if let Some(who) = cannot_apt() {
-        bail!(
-            "the integration tests need {} (to hold connections half-open), which is not installed, \
-and this {who} cannot install it. Run:\n  sudo apt-get update\n  sudo apt-get install -y \
---no-install-recommends {}\nthen `cargo xtask setup` again",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    apt_install(&missing, &["--no-install-recommends"])
-}
-
-/// Why apt-get cannot install packages here ("non-root user", "system (no apt-get)"), if so.
-fn cannot_apt() -> Option<&'static str> {
-    if !Path::new("/usr/bin/apt-get").exists() {
-        Some("system (no apt-get)")
-    } else if !is_root() {
-        Some("non-root user")
-    } else {
-        None
-    }
-}
-
-/// `apt-get install OPTIONS PACKAGES`, after refreshing the package lists.
-fn apt_install(packages: &[&str], options: &[&str]) -> Result<()> {
-    step(&format!("installing {} with apt-get", packages.join(" ")));
-    sh(Command::new("apt-get").args(["update", "-qq"]))?;
-    sh(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq"])
-        .args(options)
-        .args(packages))
-}
-
-/// Whether `command` is in PATH or in the system directories root's PATH has (sudo's too).
-fn installed(command: &str) -> bool {
-    let path = env::var_os("PATH").unwrap_or_default();
-    env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
-        .any(|dir| dir.join(command).is_file())
+    apt_install(&LLVM_PACKAGES, &[], apt::Services::MayStart)
 }
 
 /// The controller's target directory (honours CARGO_TARGET_DIR like cargo does).

@@ -83,6 +83,7 @@ pub async fn run(
         notify_env: notify.env_value().to_owned(),
         adopted: start.adopted_pidfds,
         credentials: start.credentials,
+        protocol: start.socket_protocol,
     };
     let host = RealHost::new(group, steering, workers, tx, manager, start.record_dir);
     let mut tick = tokio::time::interval(settings.sample_interval);
@@ -194,8 +195,8 @@ async fn forward_stop(
     }
 }
 
-/// New connections refused, the queues drained (for up to the grace), then SIGTERM to every
-/// worker, SIGKILL after the grace, then waits for the exits (at most [`REAP_WAIT`] more) and
+/// New connections refused, the queues drained (for up to the grace), then the stop signal to
+/// every worker, SIGKILL after the grace, then waits for the exits (at most [`REAP_WAIT`] more) and
 /// detaches the program.
 async fn shutdown(
     sup: &mut Supervisor<RealHost>,

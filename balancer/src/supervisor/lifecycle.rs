@@ -258,11 +258,12 @@ impl<H: Host> Supervisor<H> {
         self.announce_if_ready();
     }
 
-    /// Tells a replaced worker to stop: it finishes what it accepted while its successor
-    /// accepts from the same queue; SIGKILL after the grace.
+    /// Tells a replaced worker to stop (the stop signal): it finishes what it accepted while
+    /// its successor accepts from the same queue; SIGKILL after the grace.
     pub(super) fn retire(&mut self, slot: u32, worker: Worker) {
-        info!("slot {slot}: SIGTERM to old worker pid {}", worker.pid);
-        self.host.signal(worker.pid, Signal::SIGTERM);
+        let signal = self.settings.stop_signal;
+        info!("slot {slot}: {signal} to old worker pid {}", worker.pid);
+        self.host.signal(worker.pid, signal);
         self.slots[slot as usize].retiring.push(worker);
         self.host
             .schedule(self.settings.grace, Timer::GraceOver(worker.generation));

@@ -33,7 +33,7 @@ use super::{
     slot::Generation,
 };
 use crate::{
-    activation::{self, WorkerLaunch},
+    activation::{self, SocketProtocol, WorkerLaunch},
     affinity, fd_store, group_repair,
     group_state::{self, GroupRecord, ProcessId, SlotRecord, WorkerRecord, RECORD_VERSION},
     handover::SocketFd,
@@ -54,6 +54,8 @@ pub struct Workers {
     pub adopted: Vec<(u32, OwnedFd)>,
     /// Who the workers run as (`--user`).
     pub credentials: Option<crate::credentials::Credentials>,
+    /// How the workers are told of their sockets.
+    pub protocol: SocketProtocol,
 }
 
 /// Processes, sockets, maps and timers of one controller.
@@ -62,6 +64,7 @@ pub struct RealHost {
     steering: Steering,
     command: Vec<OsString>,
     credentials: Option<crate::credentials::Credentials>,
+    protocol: SocketProtocol,
     notify_env: String,
     fd_names: String,
     events: mpsc::UnboundedSender<Event>,
@@ -97,6 +100,7 @@ impl RealHost {
             notify_env,
             adopted,
             credentials,
+            protocol,
         } = workers;
         Self {
             manager,
@@ -115,9 +119,24 @@ impl RealHost {
             steering,
             command,
             credentials,
+            protocol,
             notify_env,
             events,
         }
+    }
+}
+
+/// Kills what is left of a dead worker's process group (an nginx master killed with -9 leaves
+/// its worker processes running): they would hold the slot's sockets outside supervision,
+/// never signalled again, even after the controller stops. Called right after the leader is
+/// reaped: while any member lives its pid cannot be reused, and with none left this is ESRCH.
+fn kill_orphans(leader: u32) {
+    match killpg(Pid::from_raw(leader as i32), Signal::SIGKILL) {
+        Ok(()) => warn!(
+            "worker pid {leader} left processes of its group running after it exited: SIGKILL to them"
+        ),
+        Err(Errno::ESRCH) => {}
+        Err(e) => warn!("SIGKILL to what is left of worker pid {leader}'s process group: {e}"),
     }
 }
 
@@ -175,6 +194,7 @@ impl RealHost {
             let pid = pid.as_raw() as u32;
             if let Some(generation) = self.children.remove(&pid) {
                 self.start_times.remove(&pid);
+                kill_orphans(pid);
                 events.push(Event::Exited {
                     generation,
                     pid,
@@ -259,6 +279,7 @@ impl Host for RealHost {
             command: &self.command,
             slot,
             sockets: self.group.slot_sockets(slot),
+            protocol: self.protocol,
             fd_names: &self.fd_names,
             notify_socket: &self.notify_env,
             cpus: cpus.and_then(|c| cpu_set(slot, c)),

@@ -4,7 +4,9 @@ use std::{ffi::OsString, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use balancer_common::PolicyKind;
 
-use crate::{policy::CpuLayout, stall::StallConfig};
+use nix::sys::signal::Signal;
+
+use crate::{activation::SocketProtocol, policy::CpuLayout, stall::StallConfig};
 
 /// What `balancer run` asks the supervisor to run.
 pub struct SupervisorConfig {
@@ -20,7 +22,7 @@ pub struct SupervisorConfig {
     pub pin_workers: bool,
     /// How long to wait for READY=1.
     pub ready_timeout: Duration,
-    /// SIGTERM → SIGKILL grace, on shutdown and for replaced workers.
+    /// Stop signal → SIGKILL grace, on shutdown and for replaced workers.
     pub grace: Duration,
     /// Whether kernel BPF run-time statistics are on.
     pub bpf_stats: bool,
@@ -47,6 +49,10 @@ pub struct SupervisorConfig {
     pub adopted_pidfds: Vec<(u32, OwnedFd)>,
     /// Who the workers run as (`--user`).
     pub credentials: Option<crate::credentials::Credentials>,
+    /// How the workers are told of their sockets (`--socket-protocol`).
+    pub socket_protocol: SocketProtocol,
+    /// What asks a worker to finish and exit (`--stop-signal`).
+    pub stop_signal: Signal,
 }
 
 /// A slot as a dead controller left it.
@@ -58,8 +64,8 @@ pub struct InheritedSlot {
     pub drained: bool,
     /// Times its worker was replaced.
     pub restarts: u32,
-    /// Its other workers still running (adopted to be stopped: SIGTERM, then SIGKILL after
-    /// the grace).
+    /// Its other workers still running (adopted to be stopped: the stop signal, then SIGKILL
+    /// after the grace).
     pub retiring: Vec<u32>,
 }
 
@@ -77,6 +83,8 @@ pub struct Start {
     pub adopted_pidfds: Vec<(u32, OwnedFd)>,
     /// See [`SupervisorConfig::credentials`].
     pub credentials: Option<crate::credentials::Credentials>,
+    /// See [`SupervisorConfig::socket_protocol`].
+    pub socket_protocol: SocketProtocol,
 }
 
 /// Settings fixed for the life of the controller.
@@ -88,8 +96,11 @@ pub struct Settings {
     pub pin_workers: bool,
     /// How long a worker has to say READY=1 before it is taken as ready.
     pub ready_timeout: Duration,
-    /// SIGTERM → SIGKILL grace.
+    /// Stop signal → SIGKILL grace.
     pub grace: Duration,
+    /// The signal that asks a worker to finish what it accepted and exit (rolling restart,
+    /// scale-down, shutdown); a stalled worker gets SIGKILL, not this.
+    pub stop_signal: Signal,
     /// Whether kernel BPF run-time statistics are on.
     pub bpf_stats: bool,
     /// How often accept-queue depths are sampled.
@@ -136,12 +147,14 @@ impl SupervisorConfig {
                 inherited: self.inherited,
                 adopted_pidfds: self.adopted_pidfds,
                 credentials: self.credentials,
+                socket_protocol: self.socket_protocol,
             },
             Settings {
                 layout: self.layout,
                 pin_workers: self.pin_workers,
                 ready_timeout: self.ready_timeout,
                 grace: self.grace,
+                stop_signal: self.stop_signal,
                 bpf_stats: self.bpf_stats,
                 sample_interval: self.sample_interval,
                 stall_timeout: self.stall_timeout,

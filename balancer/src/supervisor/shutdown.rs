@@ -1,6 +1,6 @@
 //! Deliberate shutdown (SIGTERM, SIGINT): no more respawns, the pending operation answered,
 //! new connections refused while the workers drain what is queued (for up to the grace), then
-//! every worker — retiring ones included — told to stop, SIGKILL after the grace, then the
+//! every worker — retiring ones included — sent the stop signal, SIGKILL after the grace, then the
 //! program detached and the final counters printed. The event loop does the waiting.
 //!
 //! The drain is what keeps a stop from costing connections: the controller holds every
@@ -82,9 +82,9 @@ impl<H: Host> Supervisor<H> {
         empty && self.host.half_open() == 0
     }
 
-    /// SIGTERM to every worker (after the drain).
+    /// The stop signal to every worker (after the drain).
     pub fn stop_workers(&mut self) {
-        self.signal_all(Signal::SIGTERM);
+        self.signal_all(self.settings.stop_signal);
     }
 
     /// SIGKILL to every worker still running after the grace.
@@ -92,7 +92,7 @@ impl<H: Host> Supervisor<H> {
         self.signal_all(Signal::SIGKILL);
     }
 
-    /// The SIGTERM → SIGKILL grace.
+    /// The stop signal → SIGKILL grace.
     pub fn grace(&self) -> std::time::Duration {
         self.settings.grace
     }

@@ -153,8 +153,8 @@ fn stop_successors_workers(sup: &mut Supervisor<RealHost>, successor: u32) {
                 "upgrade failed: stopping worker pid {} that the would-be successor started",
                 w.process.pid
             );
-            sup.host_mut()
-                .signal(w.process.pid, nix::sys::signal::Signal::SIGTERM);
+            let signal = sup.settings.stop_signal;
+            sup.host_mut().signal(w.process.pid, signal);
         }
     }
 }

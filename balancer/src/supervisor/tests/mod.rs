@@ -7,6 +7,7 @@ mod lifecycle;
 mod operations;
 mod sockets;
 mod states;
+mod stop_signal;
 
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ fn settings() -> Settings {
         pin_workers: false,
         ready_timeout: READY_TIMEOUT,
         grace: GRACE,
+        stop_signal: nix::sys::signal::Signal::SIGTERM,
         bpf_stats: false,
         sample_interval: Duration::from_millis(1),
         stall_timeout: STALL_TIMEOUT,
