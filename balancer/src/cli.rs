@@ -73,6 +73,23 @@ answering, closes the connection, and tells the controller \
 READY=1 over NOTIFY_SOCKET. `balancer run` uses it when no worker command is given."
     )]
     DemoWorker(DemoWorkerArgs),
+    /// Print a shell completion script on stdout.
+    #[command(
+        after_help = "Examples:\n  balancer completions bash > /etc/bash_completion.d/balancer\n  balancer completions zsh > /usr/local/share/zsh/site-functions/_balancer\n  balancer completions fish > ~/.config/fish/completions/balancer.fish\n\nThe .deb from `cargo xtask dist` installs all three."
+    )]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Internal: writes the man pages (balancer.1 and one per subcommand) into DIR; `cargo
+    /// xtask dist` packages them. Generated from these definitions, so they cannot drift.
+    #[command(hide = true, name = "__man")]
+    Man {
+        /// Where to write the pages (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Internal: sets LISTEN_PID to its own pid and execs the worker command.
     #[command(hide = true, name = "__exec-worker")]
     ExecWorker {
@@ -174,6 +191,17 @@ pub struct DemoWorkerArgs {
     /// Wait this long after each accept: a slow worker, to see connections queue.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub accept_delay: Option<Duration>,
+}
+
+/// The shells `balancer completions` writes scripts for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// Bash (bash-completion).
+    Bash,
+    /// Zsh.
+    Zsh,
+    /// Fish.
+    Fish,
 }
 
 /// Log verbosity.

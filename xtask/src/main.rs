@@ -11,13 +11,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod dist;
 mod soak;
 
 /// Build, setup and test tasks for balancer.
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events"
+    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask dist\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,8 +46,11 @@ enum Task {
         args: Vec<OsString>,
     },
     /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests, the
-    /// benchmark's smoke pass and a 20 s chaos soak (as root).
+    /// .deb (built, unpacked, installed and removed), the benchmark's smoke pass and a 20 s chaos soak (as root).
     Test,
+    /// Build the Debian package: the release binary with the eBPF object, man pages, shell
+    /// completions and the systemd unit, as target/dist/balancer_<version>_<arch>.deb.
+    Dist,
     /// Benchmark balancer against the setups users would pick instead; writes
     /// bench/results/<date>/ and docs/performance.md.
     Bench {
@@ -75,8 +79,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
 /// What the privileged tests run besides the balancer: (command, Debian package). `nft` holds
-/// connections half-open for the migration tests.
-const TEST_TOOLS: [(&str, &str); 1] = [("nft", "nftables")];
+/// connections half-open for the migration tests; `dpkg-shlibdeps` and `strip` build the .deb
+/// (`cargo xtask dist`, and its pass in the tests).
+const TEST_TOOLS: [(&str, &str); 3] = [
+    ("nft", "nftables"),
+    ("dpkg-shlibdeps", "dpkg-dev"),
+    ("strip", "binutils"),
+];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -87,6 +96,9 @@ fn main() -> ExitCode {
         Task::Test => setup()
             .and_then(|()| install_test_tools())
             .and_then(|()| test()),
+        Task::Dist => setup()
+            .and_then(|()| install_test_tools())
+            .and_then(|()| dist::run()),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
         Task::Soak {
             seconds,
@@ -271,7 +283,7 @@ fn install_test_tools() -> Result<()> {
     }
     if let Some(who) = cannot_apt() {
         bail!(
-            "the integration tests need {} (to hold connections half-open), which is not installed, \
+            "the integration tests and the .deb need {}, which is not installed, \
 and this {who} cannot install it. Run:\n  sudo apt-get update\n  sudo apt-get install -y \
 --no-install-recommends {}\nthen `cargo xtask setup` again",
             missing.join(" "),
@@ -443,6 +455,8 @@ fn test() -> Result<()> {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
     sh_tests(&mut cmd, &mut totals)?;
+    step("the Debian package, from the debug build (`cargo xtask dist` packages the release one)");
+    dist::test_pass(&binary)?;
     step("benchmark smoke pass (correctness only, no timing)");
     let scratch = env::temp_dir().join(format!("balancer-bench-smoke-{}", std::process::id()));
     let result = run_bench(
