@@ -166,10 +166,8 @@ fn build_deb(binary: &Path, work: &Path, out: &Path) -> Result<PathBuf> {
         0o644,
     )?;
     let license = manifest_field("Cargo.toml", "[workspace.package]", "license")?;
-    let copyright = format!(
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
-Upstream-Name: {PACKAGE}\n\nFiles: *\nLicense: {license}\n"
-    );
+    // Free-form, as Debian policy allows: the name and the licence terms' names.
+    let copyright = format!("{PACKAGE}\n\nLicense: {license}\n");
     put(&root, COPYRIGHT, copyright.as_bytes(), 0o644)?;
     // The libraries the binary links and the oldest versions with every symbol it uses, as
     // dpkg-shlibdeps reads them from the system's packages (libc6 and libgcc-s1 here).
