@@ -3,11 +3,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use balancer_common::MAX_SLOTS;
 
-use crate::{
-    activation::SocketProtocol,
-    control::protocol::{PolicyName, Request},
-    stop_signal::StopSignal,
-};
+use crate::{activation::SocketProtocol, control::protocol::PolicyName, stop_signal::StopSignal};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// eBPF-steered SO_REUSEPORT listener balancer with zero-loss worker supervision.
@@ -77,6 +73,23 @@ answering, closes the connection, and tells the controller \
 READY=1 over NOTIFY_SOCKET. `balancer run` uses it when no worker command is given."
     )]
     DemoWorker(DemoWorkerArgs),
+    /// Print a shell completion script on stdout.
+    #[command(
+        after_help = "Examples:\n  balancer completions bash > /etc/bash_completion.d/balancer\n  balancer completions zsh > /usr/local/share/zsh/site-functions/_balancer\n  balancer completions fish > ~/.config/fish/completions/balancer.fish\n\nThe .deb from `cargo xtask dist` installs all three."
+    )]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Internal: writes the man pages (balancer.1 and one per subcommand) into DIR; `cargo
+    /// xtask dist` packages them. Generated from these definitions, so they cannot drift.
+    #[command(hide = true, name = "__man")]
+    Man {
+        /// Where to write the pages (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Internal: sets LISTEN_PID to its own pid and execs the worker command.
     #[command(hide = true, name = "__exec-worker")]
     ExecWorker {
@@ -178,6 +191,17 @@ pub struct DemoWorkerArgs {
     /// Wait this long after each accept: a slow worker, to see connections queue.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub accept_delay: Option<Duration>,
+}
+
+/// The shells `balancer completions` writes scripts for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// Bash (bash-completion).
+    Bash,
+    /// Zsh.
+    Zsh,
+    /// Fish.
+    Fish,
 }
 
 /// Log verbosity.
@@ -376,47 +400,6 @@ impl RunArgs {
     }
 }
 
-impl Command {
-    /// The control request a client command sends and where to send it; `None` for the
-    /// commands that run locally (`run`, `demo-worker`, `__exec-worker`).
-    pub fn control_request(self) -> Option<(ControlArgs, Request)> {
-        Some(match self {
-            Command::Run(_) | Command::DemoWorker(_) | Command::ExecWorker { .. } => return None,
-            Command::Status(c) => (c, Request::Status),
-            Command::Policy(PolicyArgs { control, action }) => match action {
-                None => (control, Request::Policy),
-                Some(PolicyAction::Set {
-                    policy,
-                    weights,
-                    spill_depth,
-                }) => (
-                    control,
-                    Request::SetPolicy {
-                        policy,
-                        weights,
-                        spill_depth,
-                    },
-                ),
-            },
-            Command::Workers(WorkersCommand::Restart { control, slot }) => {
-                (control, Request::Restart { slot })
-            }
-            Command::Workers(WorkersCommand::Scale { control, workers }) => {
-                (control, Request::Scale { workers })
-            }
-            Command::Drain(a) => (a.control, Request::Drain { slot: a.slot }),
-            Command::Undrain(a) => (a.control, Request::Undrain { slot: a.slot }),
-            // The controller may run in another directory: send an absolute path.
-            Command::Upgrade(a) => (
-                a.control,
-                Request::Upgrade {
-                    binary: a.binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
-                },
-            ),
-        })
-    }
-}
-
 fn parse_name(s: &str) -> Result<String, String> {
     crate::group_state::check_name(s).map(|()| s.to_owned())
 }
@@ -445,6 +428,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::Request;
     use clap::CommandFactory;
 
     #[test]

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod adoption;
 pub mod affinity;
 pub mod cli;
+pub mod cli_docs;
 pub mod control;
 pub mod credentials;
 pub mod demo_worker;

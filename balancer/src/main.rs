@@ -10,7 +10,7 @@ use log::{info, warn};
 use balancer::{
     activation,
     cli::{Cli, Command, ControlArgs, LogLevel, RunArgs},
-    control,
+    cli_docs, control,
     control::{protocol::Request, server::ControlSocket},
     demo_worker, handover, log_sink, metrics, policy,
     policy::{build_tables, CpuLayout},
@@ -37,6 +37,24 @@ fn main() -> ExitCode {
                 .unwrap_or_default()
         );
         return ExitCode::from(127);
+    }
+    // Generated from the CLI definition: no logger or runtime needed.
+    match &cli.command {
+        Command::Completions { shell } => {
+            return finish(write_stdout(&cli_docs::completion_script(*shell)))
+        }
+        Command::Man { dir } => {
+            return finish(
+                cli_docs::write_man_pages(dir)
+                    .with_context(|| format!("writing the man pages into {}", dir.display()))
+                    .map(|pages| {
+                        for page in pages {
+                            println!("{}", page.display());
+                        }
+                    }),
+            )
+        }
+        _ => {}
     }
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
@@ -74,7 +92,9 @@ fn main() -> ExitCode {
         }
         command => match command.control_request() {
             Some((control, request)) => control_call(&control, request),
-            None => unreachable!("run, demo-worker and __exec-worker are handled above"),
+            None => unreachable!(
+                "run, demo-worker, completions, __man and __exec-worker are handled above"
+            ),
         },
     };
     if let Some(f) = flusher {
@@ -82,6 +102,11 @@ fn main() -> ExitCode {
         // stuck: then the exit does not wait for it.
         f.flush(LOG_FLUSH_WAIT);
     }
+    finish(result)
+}
+
+/// The exit status of a command, its error printed.
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -90,6 +115,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes generated text to stdout; a reader that has gone is an error, not a panic.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 /// A single-threaded runtime: the controller's work is light, and every decision, spawn and

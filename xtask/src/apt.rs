@@ -15,13 +15,16 @@ use crate::{is_root, sh, step};
 
 /// What the privileged tests run besides the balancer: (command, Debian package). `nft` holds
 /// connections half-open for the migration tests; nginx, lighttpd and gunicorn are the real
-/// servers run as workers; `wrk` is the benchmark's real client.
-const TEST_TOOLS: [(&str, &str); 5] = [
+/// servers run as workers; `wrk` is the benchmark's real client; `dpkg-shlibdeps` and `strip`
+/// build the .deb (`cargo xtask dist`, and its pass in the tests).
+const TEST_TOOLS: [(&str, &str); 7] = [
     ("nft", "nftables"),
     ("nginx", "nginx-light"),
     ("lighttpd", "lighttpd"),
     ("gunicorn", "gunicorn"),
     ("wrk", "wrk"),
+    ("dpkg-shlibdeps", "dpkg-dev"),
+    ("strip", "binutils"),
 ];
 
 /// Where invoke-rc.d asks whether a package's service may start (Debian policy).

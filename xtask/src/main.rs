@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod apt;
+mod dist;
 mod fuzz;
 mod soak;
 
@@ -21,7 +22,7 @@ use apt::{apt_install, cannot_apt, install_test_tools};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events\n  cargo xtask fuzz --seconds 300"
+    after_help = "Examples:\n  cargo xtask setup\n  cargo xtask run\n  cargo xtask run -- --listen 127.0.0.1:9000 --policy hash\n  cargo xtask test\n  cargo xtask dist\n  cargo xtask soak --seconds 60\n  cargo xtask soak --seed 1234   # replay a run's events\n  cargo xtask fuzz --seconds 300"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,7 +51,8 @@ enum Task {
         args: Vec<OsString>,
     },
     /// fmt check, clippy -D warnings, unit tests, then the privileged integration tests, the
-    /// benchmark's smoke pass, a 20 s chaos soak (as root) and a short fuzzing pass.
+    /// .deb (built, unpacked, installed and removed), the benchmark's smoke pass, a 20 s chaos
+    /// soak (as root) and a short fuzzing pass.
     Test,
     /// Run the cargo-fuzz targets (control frames, CLI arguments) for a bounded time each on
     /// fuzz/corpus/<target>, growing and then minimising the corpus; fails on a crash with
@@ -60,6 +62,9 @@ enum Task {
         #[arg(long, value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=86_400))]
         seconds: u32,
     },
+    /// Build the Debian package: the release binary with the eBPF object, man pages, shell
+    /// completions and the systemd unit, as target/dist/balancer_<version>_<arch>.deb.
+    Dist,
     /// Benchmark balancer against the setups users would pick instead; writes
     /// bench/results/<date>/ and docs/performance.md.
     Bench {
@@ -100,6 +105,9 @@ fn main() -> ExitCode {
         Task::Test => setup()
             .and_then(|()| install_test_tools())
             .and_then(|()| test()),
+        Task::Dist => setup()
+            .and_then(|()| install_test_tools())
+            .and_then(|()| dist::run()),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
         Task::Soak {
             seconds,
@@ -413,6 +421,8 @@ fn test() -> Result<()> {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
     sh_tests(&mut cmd, &mut totals)?;
+    step("the Debian package, from the debug build (`cargo xtask dist` packages the release one)");
+    dist::test_pass(&binary)?;
     step("benchmark smoke pass (correctness only, no timing)");
     let scratch = env::temp_dir().join(format!("balancer-bench-smoke-{}", std::process::id()));
     let result = run_bench(

@@ -9,7 +9,10 @@ use super::protocol::{
     decode_reply, encode_request, read_frame, write_frame, FrameError, Outcome, PolicyName,
     PolicyReport, Reply, Request, StatusReport,
 };
-use crate::report::table;
+use crate::{
+    cli::{Command, ControlArgs, PolicyAction, PolicyArgs, WorkersCommand},
+    report::table,
+};
 
 /// Sends `request` to the controller at `path` and returns its outcome.
 pub async fn call(path: &Path, request: &Request) -> anyhow::Result<Outcome> {
@@ -179,6 +182,52 @@ fn format_policy(p: &PolicyReport) -> String {
     }
     out.push_str(&table(&hash_rows));
     out
+}
+
+impl Command {
+    /// The control request a client command sends and where to send it; `None` for the
+    /// commands that run locally (`run`, `demo-worker`, `completions`, `__man`,
+    /// `__exec-worker`).
+    pub fn control_request(self) -> Option<(ControlArgs, Request)> {
+        Some(match self {
+            Command::Run(_)
+            | Command::DemoWorker(_)
+            | Command::ExecWorker { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. } => return None,
+            Command::Status(c) => (c, Request::Status),
+            Command::Policy(PolicyArgs { control, action }) => match action {
+                None => (control, Request::Policy),
+                Some(PolicyAction::Set {
+                    policy,
+                    weights,
+                    spill_depth,
+                }) => (
+                    control,
+                    Request::SetPolicy {
+                        policy,
+                        weights,
+                        spill_depth,
+                    },
+                ),
+            },
+            Command::Workers(WorkersCommand::Restart { control, slot }) => {
+                (control, Request::Restart { slot })
+            }
+            Command::Workers(WorkersCommand::Scale { control, workers }) => {
+                (control, Request::Scale { workers })
+            }
+            Command::Drain(a) => (a.control, Request::Drain { slot: a.slot }),
+            Command::Undrain(a) => (a.control, Request::Undrain { slot: a.slot }),
+            // The controller may run in another directory: send an absolute path.
+            Command::Upgrade(a) => (
+                a.control,
+                Request::Upgrade {
+                    binary: a.binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
+                },
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
