@@ -362,9 +362,13 @@ impl Balancer {
         wait_timeout(&mut self.child, timeout)
     }
 
-    /// SIGKILLs the controller and reaps it, leaving whatever else of its tag runs (its
+    /// SIGKILLs the controller (once it runs its event loop) and reaps it, leaving whatever else of its tag runs (its
     /// workers, when they outlive it) to the returned [`Crashed`], which can start it again.
     pub fn crash(mut self) -> Crashed {
+        // The controller answers only from its event loop, after it wrote the record of the
+        // workers it started: killed before that (just after its `listening on` lines), its
+        // workers would be nobody's, which is not the crash these tests are about.
+        let _ = self.status();
         self.signal(libc::SIGKILL);
         let _ = self.child.wait();
         let launch = self.launch.clone();
