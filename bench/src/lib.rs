@@ -3,3 +3,4 @@
 //! soak's result files say about the machine and the date.
 pub mod client;
 pub mod host_info;
+pub mod process;

@@ -16,10 +16,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use balancer::control::protocol::{SlotState, StatusReport};
+// The tests' tag (`BALANCER_TEST_TAG`) marks every process the soak causes too, so that the
+// same cleanup finds the soak's leftovers.
+use balancer_bench::process::{kill_tagged, wait_gone, TAG_VAR};
 
-/// The environment variable that marks every process the soak caused (the test harness's
-/// name, so its cleanup conventions apply to the soak's leftovers too).
-pub const TAG_VAR: &str = "BALANCER_TEST_TAG";
 /// How long a controller may take to be ready after a start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -285,71 +285,5 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Whether `pid` runs (a zombie does not).
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
-}
-
-fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while alive(pid) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
-/// SIGKILLs every process whose environment has `TAG_VAR=tag`, and its process group
-/// (workers lead theirs), until two scans in a row find none (an exec in progress shows an
-/// empty environment for a moment), for at most 5 s.
-fn kill_tagged(tag: &str) {
-    let entry = format!("{TAG_VAR}={tag}");
-    let me = std::process::id();
-    // SAFETY: no preconditions.
-    let own_group = unsafe { libc::getpgrp() } as u32;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut quiet = 0;
-    while quiet < 2 && Instant::now() < deadline {
-        let found: Vec<u32> = std::fs::read_dir("/proc")
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .filter(|pid| *pid != me)
-                    .filter(|pid| {
-                        std::fs::read(format!("/proc/{pid}/environ"))
-                            .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        quiet = if found.is_empty() { quiet + 1 } else { 0 };
-        for pid in found {
-            let group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(2)?
-                        .parse()
-                        .ok()
-                })
-                .filter(|g: &u32| *g > 1 && *g != own_group);
-            if let Some(g) = group {
-                // SAFETY: kill(2) on the process group of a process this soak caused.
-                unsafe { libc::kill(-(g as i32), libc::SIGKILL) };
-            }
-            // SAFETY: kill(2) on a process this soak caused.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        thread::sleep(Duration::from_millis(10));
     }
 }
