@@ -103,11 +103,7 @@ pub async fn run(
     sup.save_record();
     loop {
         tokio::select! {
-            _ = chld.recv() => {
-                for event in sup.host_mut().reap() {
-                    sup.handle(event).await;
-                }
-            }
+            _ = chld.recv() => reap(&mut sup).await,
             Some(event) = rx.recv() => sup.handle(event).await,
             msg = notify.recv() => match msg {
                 Ok(msg) => {
@@ -211,17 +207,8 @@ async fn shutdown(
     let mut killed = false;
     while sup.workers_left() {
         tokio::select! {
-            _ = chld.recv() => {
-                for event in sup.host_mut().reap() {
-                    sup.handle(event).await;
-                }
-            }
-            Some(event) = rx.recv() => {
-                // Timers no longer matter: only exits are waited for.
-                if let Event::Exited { .. } = event {
-                    sup.handle(event).await;
-                }
-            }
+            _ = chld.recv() => reap(sup).await,
+            Some(event) = rx.recv() => exit_only(sup, event).await,
             _ = tokio::time::sleep_until(deadline), if !killed => {
                 warn!("workers still running after the {} grace: SIGKILL",
                     humantime::format_duration(grace));
@@ -260,21 +247,27 @@ async fn drain(
                     humantime::format_duration(super::lifecycle::round_ms(start.elapsed())));
                 return;
             },
-            _ = chld.recv() => {
-                for event in sup.host_mut().reap() {
-                    sup.handle(event).await;
-                }
-            }
-            Some(event) = rx.recv() => {
-                if let Event::Exited { .. } = event {
-                    sup.handle(event).await;
-                }
-            }
+            _ = chld.recv() => reap(sup).await,
+            Some(event) = rx.recv() => exit_only(sup, event).await,
             _ = tokio::time::sleep_until(start + grace) => {
                 warn!("queues not drained after the {} grace: stopping workers anyway",
                     humantime::format_duration(grace));
                 return;
             }
         }
+    }
+}
+
+/// SIGCHLD: every child that ended, handed to the supervisor.
+async fn reap(sup: &mut Supervisor<RealHost>) {
+    for event in sup.host_mut().reap() {
+        sup.handle(event).await;
+    }
+}
+
+/// While stopping, timers no longer matter: only exits are waited for.
+async fn exit_only(sup: &mut Supervisor<RealHost>, event: Event) {
+    if let Event::Exited { .. } = event {
+        sup.handle(event).await;
     }
 }
