@@ -201,6 +201,27 @@ pub struct SlotStatus {
     pub note: Option<String>,
 }
 
+/// How often the controller samples the accept queues now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "pace", rename_all = "kebab-case")]
+pub enum SamplingPace {
+    /// Nothing reads the load signal (no spill, no stall detection, policy not
+    /// least-loaded): no sampling.
+    Off,
+    /// At `--sample-interval`: a queue is non-empty, a stall is watched, or the policy is
+    /// least-loaded.
+    Fast {
+        /// The interval, in microseconds.
+        every_us: u64,
+    },
+    /// Every queue has been empty for a while: a slower pace, back to fast at the first
+    /// non-empty sample.
+    Idle {
+        /// The interval, in microseconds.
+        every_us: u64,
+    },
+}
+
 /// The status reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -214,10 +235,24 @@ pub struct StatusReport {
     pub weights: Option<Vec<u32>>,
     /// Spill depth of the cpu and hash policies (0: off).
     pub spill_depth: u32,
-    /// Accept-queue sampling interval, in microseconds.
+    /// Accept-queue sampling interval while the load signal must be fresh (`--sample-interval`),
+    /// in microseconds; see `sampling` for the pace in force.
     pub sample_interval_us: u64,
-    /// Time the controller spends sampling accept queues, in microseconds per second.
+    /// The controller's whole CPU time (every thread, user and system), in microseconds per
+    /// second of wall time over the last `controller_cpu_window_secs`. Kept under this name
+    /// for older clients; it no longer times the sampling alone.
     pub sampling_cost_us_per_sec: f64,
+    /// The accept-queue sampling pace in force (`None` from a controller that predates it).
+    #[serde(default)]
+    pub sampling: Option<SamplingPace>,
+    /// The controller's CPU time since it started, in seconds (user and system, every
+    /// thread).
+    #[serde(default)]
+    pub controller_cpu_secs: f64,
+    /// The window `sampling_cost_us_per_sec` was measured over, in seconds (the last 10 s, or
+    /// since the start); 0 from a controller that predates it.
+    #[serde(default)]
+    pub controller_cpu_window_secs: f64,
     /// Bound listen addresses.
     pub listen: Vec<String>,
     /// Every slot.

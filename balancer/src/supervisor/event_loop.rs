@@ -20,6 +20,7 @@ use super::{
     upgrade::{forward_pending, tick_watchdog, upgrade, UpgradeContext},
 };
 use crate::{
+    alarm::Alarm,
     control::{
         protocol::{ErrorKind, ErrorReply, Reply, Request},
         server::Command,
@@ -85,8 +86,6 @@ pub async fn run(
         credentials: start.credentials,
     };
     let host = RealHost::new(group, steering, workers, tx, manager, start.record_dir);
-    let mut tick = tokio::time::interval(settings.sample_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let Signals {
         mut term,
         mut int,
@@ -94,6 +93,7 @@ pub async fn run(
         mut usr1,
         mut usr2,
     } = signals;
+    let mut alarm = Alarm::new().context("creating the controller's timer (timerfd)")?;
     let mut sup = Supervisor::new(host, settings, steer, start.slots);
     match start.inherited {
         Some(inherited) => sup.adopt(inherited).await,
@@ -101,7 +101,20 @@ pub async fn run(
     }
     sup.save_record();
     loop {
+        // No fixed tick: the loop sleeps until the next sample or socket check is due (see
+        // `pacing`), or for ever when neither is.
+        let wake = sup.next_wake();
         tokio::select! {
+            woke = alarm.wait_until(wake) => {
+                if let Err(e) = woke {
+                    error!("the controller's timer (timerfd) failed: {e}; waiting on the runtime's timer this once");
+                    sleep_until(wake).await;
+                }
+                // Samples change nothing the record keeps; a socket check may.
+                if !sup.on_tick().await {
+                    continue;
+                }
+            }
             _ = chld.recv() => {
                 for event in sup.host_mut().reap() {
                     sup.handle(event).await;
@@ -152,11 +165,6 @@ pub async fn run(
                     Err(e) => warn!("SIGUSR2: {e}"),
                 }
             }
-            _ = tick.tick() => {
-                sup.on_sample().await;
-                // Samples change nothing the record keeps.
-                continue;
-            }
             _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
             _ = int.recv() => { info!("SIGINT: stopping workers"); break; }
             _ = hup.recv() => {
@@ -170,6 +178,14 @@ pub async fn run(
     }
     shutdown(&mut sup, &mut rx, &mut chld).await;
     Ok(Exit::Stopped)
+}
+
+/// Sleeps until `at`; for ever when `None`.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A SIGTERM or SIGINT that arrived while we handed over was meant for the service: it goes

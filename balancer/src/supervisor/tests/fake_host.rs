@@ -107,6 +107,10 @@ pub struct FakeHost {
     pub socket_faults: Vec<SocketRepair>,
     /// Socket checks so far.
     pub socket_checks: u32,
+    /// Samples taken so far.
+    pub samples: u32,
+    /// The controller's CPU time, as the test sets it.
+    pub cpu: Duration,
     next_pid: u32,
 }
 
@@ -125,6 +129,8 @@ impl FakeHost {
             evacuation: Evacuation::default(),
             socket_faults: Vec::new(),
             socket_checks: 0,
+            samples: 0,
+            cpu: Duration::ZERO,
             manager: Vec::new(),
             record: Vec::new(),
             stored: Default::default(),
@@ -185,6 +191,10 @@ impl FakeHost {
 impl Host for FakeHost {
     fn now(&self) -> Instant {
         self.now
+    }
+
+    fn cpu_time(&self) -> Duration {
+        self.cpu
     }
 
     fn spawn(
@@ -310,6 +320,7 @@ impl Host for FakeHost {
     }
 
     fn sample_queues(&mut self) -> Vec<Vec<u32>> {
+        self.samples += 1;
         vec![self.depths.clone()]
     }
 
