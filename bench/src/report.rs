@@ -95,6 +95,8 @@ struct ArmJson<'a> {
     policy_switches: Option<Scenario>,
     controller_restarts: Option<Scenario>,
     controller_upgrades: Option<Scenario>,
+    /// % of one CPU, per throughput run (balancer arms).
+    controller_cpu_percent: &'a [f64],
 }
 
 impl Report {
@@ -250,6 +252,7 @@ impl Report {
                 policy_switches: a.switch,
                 controller_restarts: a.restart,
                 controller_upgrades: a.upgrade,
+                controller_cpu_percent: &a.controller_cpu,
             })
             .collect();
         std::fs::write(
@@ -335,7 +338,12 @@ workers pinned to their CPU; 4–6, balancer with each policy (`cpu` with `--pin
 `SO_REUSEPORT` with an `SK_REUSEPORT` program that only returns `SK_PASS` (the BPF floor for \
 the program cost column). Locality: the share of connections answered on the CPU that \
 received them. CV and max/min: the spread of connections over workers. Program cost: \
-`run_time_ns / run_cnt` from the kernel's BPF statistics, in a separate pass, minus arm 7.\n\n\
+`run_time_ns / run_cnt` from the kernel's BPF statistics, in a separate pass, minus arm 7. \
+× arm 3: CPU per connection against `SO_INCOMING_CPU`, what the cpu policy competes with. \
+Controller CPU: the balancer controller's own CPU time (every thread's run time) during the \
+throughput runs, per second of wall time. Controller cost: one sample of the accept queues \
+each way (`getsockopt` per socket, one `sock_diag` dump), and an idle controller's CPU time \
+over 10 s without traffic beside what its `status` says.\n\n\
 Scenarios: *stopped worker*, an open-loop client, on the stopped worker's CPU, while one worker is `SIGSTOP`ped; *killed \
 workers*, one worker `SIGKILL`ed after another under closed-loop load (arms 1–3 and 7 restart \
 theirs at once like a pre-fork master; in arms 2, 3 and 7 the killed worker's socket closes \
