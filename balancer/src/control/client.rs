@@ -220,6 +220,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_status_from_an_older_controller_decodes_and_says_what_its_figure_is() {
+        let mut json = serde_json::to_value(crate::metrics::render::sample(1)).unwrap();
+        for field in [
+            "sampling",
+            "controller_cpu_secs",
+            "controller_cpu_window_secs",
+        ] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        let old: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(old.sampling, None);
+        let text = format_status(&old);
+        assert!(text.contains("queues sampled every 1ms\n"), "{text}");
+        assert!(
+            text.contains("sampling alone, not the controller's CPU time"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_status_shows_the_pace_and_the_controllers_cpu_time() {
+        let mut s = crate::metrics::render::sample(1);
+        s.sampling_cost_us_per_sec = 1500.0;
+        s.controller_cpu_window_secs = 10.0;
+        let text = format_status(&s);
+        assert!(
+            text.contains("queues sampled every 50ms (all empty; every 1ms once one is not)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "controller CPU: 0.15 % of one CPU over the last 10 s (0.250 s since start)"
+            ),
+            "{text}"
+        );
+        s.sampling = Some(SamplingPace::Off);
+        assert!(format_status(&s).contains("queues not sampled"));
+    }
+
+    #[test]
     fn policy_table_shows_shares() {
         let p = PolicyReport {
             policy: PolicyName::Hash,
