@@ -4,7 +4,10 @@ use std::{io, net::SocketAddr, os::fd::AsFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::proc_net;
+use crate::{
+    proc_net,
+    queue_sampler::{Method, QueueSampler},
+};
 
 /// Why the group could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,7 @@ pub struct SocketGroup {
     /// In `--listen` order.
     pub addresses: Vec<AddressGroup>,
     backlog: u32,
+    sampler: QueueSampler,
 }
 
 impl SocketGroup {
@@ -102,7 +106,11 @@ impl SocketGroup {
                 Ok(AddressGroup { addr, sockets })
             })
             .collect::<Result<Vec<_>, SocketGroupError>>()?;
-        Ok(Self { addresses, backlog })
+        Ok(Self {
+            addresses,
+            backlog,
+            sampler: QueueSampler::new(),
+        })
     }
 
     /// The group of a controller that died, taken over: `adopted[slot]` holds copies of the
@@ -139,7 +147,11 @@ impl SocketGroup {
         for a in &addresses {
             check_no_foreign_members(a.addr, &a.sockets, known)?;
         }
-        Ok(Self { addresses, backlog })
+        Ok(Self {
+            addresses,
+            backlog,
+            sampler: QueueSampler::new(),
+        })
     }
 
     /// Adds sockets to every address until there are `slots` per address; they join the
@@ -160,17 +172,20 @@ impl SocketGroup {
         }
     }
 
-    /// Every socket's accept-queue depth: `[address][slot]`.
-    pub fn depths(&self) -> Vec<Vec<u32>> {
-        self.addresses
-            .iter()
-            .map(|a| {
-                a.sockets
-                    .iter()
-                    .map(|s| accept_queue_len(s).unwrap_or(0))
-                    .collect()
-            })
-            .collect()
+    /// Every socket's accept-queue depth: `[address][slot]` (see `queue_sampler` for how).
+    pub fn depths(&mut self) -> Vec<Vec<u32>> {
+        self.sampler.depths(&self.addresses)
+    }
+
+    /// The depths read by `method`, whatever the group's size (the benchmark compares them).
+    pub fn depths_with(&mut self, method: Method) -> Vec<Vec<u32>> {
+        self.sampler.depths_with(method, &self.addresses)
+    }
+
+    /// The way [`SocketGroup::depths`] reads the depths.
+    pub fn sampling_method(&self) -> Method {
+        let sockets = self.addresses.iter().map(|a| a.sockets.len()).sum();
+        self.sampler.method(sockets)
     }
 
     /// Empties `slot`'s accept queues into the rest of the group: `shutdown(SHUT_RD)` stops
@@ -406,7 +421,7 @@ fn check_no_foreign_members(
     })
 }
 
-fn inode(socket: &Socket) -> io::Result<u64> {
+pub(crate) fn inode(socket: &Socket) -> io::Result<u64> {
     let st = nix::sys::stat::fstat(socket).map_err(io::Error::from)?;
     Ok(st.st_ino)
 }

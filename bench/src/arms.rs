@@ -167,6 +167,11 @@ impl Server {
         Ok(server)
     }
 
+    /// A balancer arm's controller pid (the one it started).
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.balancer.as_ref().map(|(child, _)| child.id())
+    }
+
     /// The worker pid of `slot`, if one runs (a balancer slot may be respawning).
     pub fn worker_pid(&self, slot: u32) -> Result<Option<u32>> {
         match &self.balancer {

@@ -3,6 +3,7 @@
 //!
 //! Run it with `cargo xtask bench` (`--quick` for a one-minute run). It needs root (eBPF).
 mod arms;
+mod cost;
 mod load;
 mod report;
 
@@ -52,6 +53,9 @@ struct Args {
     /// Runs per arm for the throughput figures.
     #[arg(long, default_value_t = 5)]
     runs: u32,
+    /// Only the controller-cost section (sampling each way, idle controllers), printed.
+    #[arg(long, conflicts_with = "smoke")]
+    cost_only: bool,
 }
 
 /// Durations of one mode.
@@ -114,6 +118,14 @@ fn run(args: Args) -> Result<()> {
     let cpus = online_cpus();
     let scratch = std::env::temp_dir().join(format!("balancer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    // An idle controller's figure needs a long window: it wakes up only 20 times a second.
+    let idle_window = Duration::from_secs(10);
+    if args.cost_only {
+        let section = controller_cost(&args.balancer, &scratch, idle_window);
+        let _ = std::fs::remove_dir_all(&scratch);
+        print!("{}", section?);
+        return Ok(());
+    }
     let ctx = Context {
         balancer: args.balancer.clone(),
         object: args.object.clone(),
@@ -133,7 +145,16 @@ fn run(args: Args) -> Result<()> {
         for (i, arm) in arms.iter().enumerate() {
             bar.set_message(format!("run {}/{} {}", round + 1, plan.runs, arm.name()));
             let server = Server::start(*arm, &ctx, false)?;
+            let controller = server.controller_pid();
+            let before = controller.map(cost::run_time).transpose()?;
+            let started = Instant::now();
             let r = closed_loop(server.addr, &cpus, plan.run);
+            if let (Some(pid), Some(before)) = (controller, before) {
+                let spent = cost::run_time(pid)?.saturating_sub(before);
+                reports[i]
+                    .controller_cpu
+                    .push(spent.as_secs_f64() / started.elapsed().as_secs_f64() * 100.0);
+            }
             server.stop();
             reports[i].runs.push(r);
             bar.inc(1);
@@ -177,10 +198,17 @@ fn run(args: Args) -> Result<()> {
         }
         bar.inc(1);
     }
+    let cost = if args.smoke {
+        String::new()
+    } else {
+        bar.set_message("controller cost (idle controllers)");
+        controller_cost(&args.balancer, &scratch, idle_window)?
+    };
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&scratch);
 
-    let report = Report::new(reports, &plan_text(&plan), args.smoke);
+    let mut report = Report::new(reports, &plan_text(&plan), args.smoke);
+    report.cost = cost;
     let dir = report.write(&args.out)?;
     print!("{}", report.markdown());
     println!("results in {}", dir.display());
@@ -193,6 +221,21 @@ fn run(args: Args) -> Result<()> {
         println!("bench smoke: every arm served, no failure without faults, cpu policy local");
     }
     Ok(())
+}
+
+/// The controller-cost section: one sample each way at every size, then an idle controller
+/// at every size.
+fn controller_cost(
+    balancer: &std::path::Path,
+    scratch: &std::path::Path,
+    window: Duration,
+) -> Result<String> {
+    let sampling = cost::sampling_costs(2000)?;
+    let idle = cost::SLOTS
+        .iter()
+        .map(|&slots| cost::idle_cost(balancer, scratch, slots, window))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(cost::markdown(&sampling, &idle))
 }
 
 fn plan_text(p: &Plan) -> String {

@@ -41,6 +41,8 @@ pub struct ArmReport {
     pub restart: Option<Scenario>,
     /// Controller upgrades under load (balancer arms).
     pub upgrade: Option<Scenario>,
+    /// The controller's CPU time during each throughput run, % of one CPU (balancer arms).
+    pub controller_cpu: Vec<f64>,
 }
 
 impl ArmReport {
@@ -55,6 +57,7 @@ impl ArmReport {
             switch: None,
             restart: None,
             upgrade: None,
+            controller_cpu: Vec::new(),
         }
     }
 
@@ -75,6 +78,8 @@ pub struct Report {
     smoke: bool,
     machine: String,
     date: String,
+    /// The controller-cost section (markdown), when measured.
+    pub cost: String,
 }
 
 #[derive(serde::Serialize)]
@@ -90,6 +95,8 @@ struct ArmJson<'a> {
     policy_switches: Option<Scenario>,
     controller_restarts: Option<Scenario>,
     controller_upgrades: Option<Scenario>,
+    /// % of one CPU, per throughput run (balancer arms).
+    controller_cpu_percent: &'a [f64],
 }
 
 impl Report {
@@ -101,11 +108,17 @@ impl Report {
             smoke,
             machine: machine(),
             date: now_utc(),
+            cost: String::new(),
         }
     }
 
     fn baseline(&self) -> Option<&ArmReport> {
         self.arms.iter().find(|a| a.name.starts_with("2 "))
+    }
+
+    /// Arm 3, `SO_INCOMING_CPU`: what the cpu policy competes with.
+    fn incoming_cpu(&self) -> Option<&ArmReport> {
+        self.arms.iter().find(|a| a.name.starts_with("3 "))
     }
 
     fn floor_ns(&self) -> Option<f64> {
@@ -131,8 +144,11 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(out, "Machine: {}. Date: {}.\n", self.machine, self.date);
         let _ = writeln!(out, "Plan: {}.\n", self.plan);
-        out.push_str("| arm | new conn/s, median (min–max) | × arm 2 | CPU µs/conn | × arm 2 | locality | CV | max/min | connect p50 / p99 µs | TTFB p50 / p99 µs | program ns/selection (− floor) | failed |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let incoming_cpu = self
+            .incoming_cpu()
+            .map_or(1.0, |b| b.median_by(RunResult::cpu_per_connection_us).0);
+        out.push_str("| arm | new conn/s, median (min–max) | × arm 2 | CPU µs/conn | × arm 2 | × arm 3 | locality | CV | max/min | connect p50 / p99 µs | TTFB p50 / p99 µs | program ns/selection (− floor) | controller CPU, median | failed |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for a in &self.arms {
             let (rate, lo, hi) = a.median_by(RunResult::rate);
             let (cpu, _, _) = a.median_by(RunResult::cpu_per_connection_us);
@@ -150,9 +166,15 @@ impl Report {
                 (Some(ns), _) => format!("{ns:.0} (floor)"),
                 _ => "–".into(),
             };
+            let controller = {
+                let mut v = a.controller_cpu.clone();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2)
+                    .map_or("–".into(), |c| format!("{c:.2} % of one CPU"))
+            };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.2} | {:.1} % | {:.3} | {:.2} | {} / {} | {} / {} | {} | {} |",
+                "| {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.2} | {:.2} | {:.1} % | {:.3} | {:.2} | {} / {} | {} / {} | {} | {} | {} |",
                 a.name,
                 rate,
                 lo,
@@ -160,6 +182,7 @@ impl Report {
                 rate / base_rate.max(1e-9),
                 cpu,
                 cpu / base_cpu.max(1e-9),
+                cpu / incoming_cpu.max(1e-9),
                 loc * 100.0,
                 cv,
                 mm,
@@ -168,6 +191,7 @@ impl Report {
                 q(last.map(|r| &r.ttfb), 0.5),
                 q(last.map(|r| &r.ttfb), 0.99),
                 program,
+                controller,
                 a.runs.iter().map(|r| r.failed).sum::<u64>(),
             );
         }
@@ -192,6 +216,10 @@ impl Report {
                 failed_of(a.restart),
                 failed_of(a.upgrade),
             );
+        }
+        if !self.cost.is_empty() {
+            out.push_str("\nController cost (sampling one group of loopback listeners; an idle controller of demo workers, no traffic):\n");
+            out.push_str(&self.cost);
         }
         out
     }
@@ -224,6 +252,7 @@ impl Report {
                 policy_switches: a.switch,
                 controller_restarts: a.restart,
                 controller_upgrades: a.upgrade,
+                controller_cpu_percent: &a.controller_cpu,
             })
             .collect();
         std::fs::write(
@@ -309,7 +338,12 @@ workers pinned to their CPU; 4–6, balancer with each policy (`cpu` with `--pin
 `SO_REUSEPORT` with an `SK_REUSEPORT` program that only returns `SK_PASS` (the BPF floor for \
 the program cost column). Locality: the share of connections answered on the CPU that \
 received them. CV and max/min: the spread of connections over workers. Program cost: \
-`run_time_ns / run_cnt` from the kernel's BPF statistics, in a separate pass, minus arm 7.\n\n\
+`run_time_ns / run_cnt` from the kernel's BPF statistics, in a separate pass, minus arm 7. \
+× arm 3: CPU per connection against `SO_INCOMING_CPU`, what the cpu policy competes with. \
+Controller CPU: the balancer controller's own CPU time (every thread's run time) during the \
+throughput runs, per second of wall time. Controller cost: one sample of the accept queues \
+each way (`getsockopt` per socket, one `sock_diag` dump), and an idle controller's CPU time \
+over 10 s without traffic beside what its `status` says.\n\n\
 Scenarios: *stopped worker*, an open-loop client, on the stopped worker's CPU, while one worker is `SIGSTOP`ped; *killed \
 workers*, one worker `SIGKILL`ed after another under closed-loop load (arms 1–3 and 7 restart \
 theirs at once like a pre-fork master; in arms 2, 3 and 7 the killed worker's socket closes \

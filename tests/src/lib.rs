@@ -55,5 +55,6 @@ pub use slots::{
 };
 
 pub use ::balancer::control::protocol::{
-    ErrorKind, ErrorReply, PolicyName, PolicyReport, SlotState, SlotStatus, StatusReport,
+    ErrorKind, ErrorReply, PolicyName, PolicyReport, SamplingPace, SlotState, SlotStatus,
+    StatusReport,
 };

@@ -7,7 +7,7 @@ use tokio::net::UnixStream;
 
 use super::protocol::{
     decode_reply, encode_request, read_frame, write_frame, FrameError, Outcome, PolicyName,
-    PolicyReport, Reply, Request, StatusReport,
+    PolicyReport, Reply, Request, SamplingPace, StatusReport,
 };
 use crate::{
     cli::{Command, ControlArgs, PolicyAction, PolicyArgs, WorkersCommand},
@@ -67,6 +67,40 @@ fn join<T: ToString>(items: &[T], sep: &str) -> String {
         .join(sep)
 }
 
+/// The sampling pace in force, for people.
+fn describe_sampling(s: &StatusReport) -> String {
+    let us = |us: u64| humantime::format_duration(std::time::Duration::from_micros(us));
+    match s.sampling {
+        Some(SamplingPace::Off) => "queues not sampled (nothing uses the load signal)".to_owned(),
+        Some(SamplingPace::Fast { every_us }) => format!("queues sampled every {}", us(every_us)),
+        Some(SamplingPace::Idle { every_us }) => format!(
+            "queues sampled every {} (all empty; every {} once one is not)",
+            us(every_us),
+            us(s.sample_interval_us)
+        ),
+        // A controller that predates the adaptive pace sampled at a fixed interval.
+        None => format!("queues sampled every {}", us(s.sample_interval_us)),
+    }
+}
+
+/// The controller's own CPU time, for people.
+fn describe_cpu(s: &StatusReport) -> String {
+    if s.controller_cpu_window_secs > 0.0 {
+        format!(
+            "controller CPU: {:.2} % of one CPU over the last {:.0} s ({:.3} s since start)\n",
+            s.sampling_cost_us_per_sec / 1e4,
+            s.controller_cpu_window_secs,
+            s.controller_cpu_secs
+        )
+    } else {
+        // An older controller timed the sampling function only.
+        format!(
+            "sampling cost: {:.0} µs per second (sampling alone, not the controller's CPU time)\n",
+            s.sampling_cost_us_per_sec
+        )
+    }
+}
+
 fn format_status(s: &StatusReport) -> String {
     let mut out = format!(
         "balancer pid {}, up {}, policy {}{}, listening on {}\n",
@@ -79,15 +113,15 @@ fn format_status(s: &StatusReport) -> String {
         s.listen.join(", ")
     );
     out.push_str(&format!(
-        "spill at queue depth {}; queues sampled every {} µs, costing {:.0} µs per second\n",
+        "spill at queue depth {}; {}\n",
         if s.spill_depth == 0 {
             "off".to_owned()
         } else {
             s.spill_depth.to_string()
         },
-        s.sample_interval_us,
-        s.sampling_cost_us_per_sec
+        describe_sampling(s)
     ));
+    out.push_str(&describe_cpu(s));
     if let (Some(ns), Some(runs)) = (s.bpf_ns_per_selection, s.bpf_runs) {
         out.push_str(&format!(
             "program cost: {ns:.0} ns per selection over {runs} runs\n"
@@ -233,6 +267,46 @@ impl Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_from_an_older_controller_decodes_and_says_what_its_figure_is() {
+        let mut json = serde_json::to_value(crate::metrics::render::sample(1)).unwrap();
+        for field in [
+            "sampling",
+            "controller_cpu_secs",
+            "controller_cpu_window_secs",
+        ] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        let old: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(old.sampling, None);
+        let text = format_status(&old);
+        assert!(text.contains("queues sampled every 1ms\n"), "{text}");
+        assert!(
+            text.contains("sampling alone, not the controller's CPU time"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_status_shows_the_pace_and_the_controllers_cpu_time() {
+        let mut s = crate::metrics::render::sample(1);
+        s.sampling_cost_us_per_sec = 1500.0;
+        s.controller_cpu_window_secs = 10.0;
+        let text = format_status(&s);
+        assert!(
+            text.contains("queues sampled every 50ms (all empty; every 1ms once one is not)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "controller CPU: 0.15 % of one CPU over the last 10 s (0.250 s since start)"
+            ),
+            "{text}"
+        );
+        s.sampling = Some(SamplingPace::Off);
+        assert!(format_status(&s).contains("queues not sampled"));
+    }
 
     #[test]
     fn policy_table_shows_shares() {

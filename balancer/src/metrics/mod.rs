@@ -8,7 +8,7 @@
 //! [`WRITE_DEADLINE`]. There is no authentication or TLS: bind it to loopback, or put it
 //! behind a proxy that provides them.
 pub mod http;
-mod render;
+pub(crate) mod render;
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -1,7 +1,7 @@
 //! The status in Prometheus text exposition format.
 use std::fmt::Write as _;
 
-use crate::control::protocol::{SlotState, StatusReport};
+use crate::control::protocol::{SamplingPace, SlotState, StatusReport};
 
 /// Renders a status report as Prometheus text exposition; `taken_at`: when it was taken, in
 /// seconds since the Unix epoch (a scraper sees how old the snapshot it got is).
@@ -102,6 +102,24 @@ pub fn render(s: &StatusReport, taken_at: f64) -> String {
         );
     }
     family(
+        "balancer_controller_cpu_seconds_total",
+        "counter",
+        "CPU time the controller process used since it started (user and system, every thread).",
+        vec![(String::new(), format!("{:.6}", s.controller_cpu_secs))],
+    );
+    if let Some(pace) = s.sampling {
+        let every_us = match pace {
+            SamplingPace::Off => 0,
+            SamplingPace::Fast { every_us } | SamplingPace::Idle { every_us } => every_us,
+        };
+        family(
+            "balancer_sampling_interval_seconds",
+            "gauge",
+            "The accept-queue sampling interval in force (0: not sampling; longer than --sample-interval while every queue is empty).",
+            vec![(String::new(), format!("{:.6}", every_us as f64 / 1e6))],
+        );
+    }
+    family(
         "balancer_metrics_snapshot_timestamp_seconds",
         "gauge",
         "When the controller took the status these metrics show (Unix time; refreshed every second).",
@@ -141,6 +159,9 @@ pub fn sample(steered: u64) -> StatusReport {
         spill_depth: 16,
         sample_interval_us: 1000,
         sampling_cost_us_per_sec: 1.0,
+        sampling: Some(SamplingPace::Idle { every_us: 50_000 }),
+        controller_cpu_secs: 0.25,
+        controller_cpu_window_secs: 0.0,
         bpf_ns_per_selection: None,
         bpf_runs: None,
     }
@@ -163,5 +184,14 @@ mod tests {
         assert!(text.contains("balancer_policy_info{policy=\"cpu\"} 1\n"));
         assert!(!text.contains("balancer_program_runs_total"));
         assert!(text.contains("balancer_metrics_snapshot_timestamp_seconds 1700000000.250\n"));
+        assert!(text.contains("# TYPE balancer_controller_cpu_seconds_total counter\n"));
+        assert!(
+            text.contains("balancer_controller_cpu_seconds_total 0.250000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("balancer_sampling_interval_seconds 0.050000\n"),
+            "{text}"
+        );
     }
 }

@@ -20,6 +20,7 @@ use super::{
     upgrade::{forward_pending, tick_watchdog, upgrade, UpgradeContext},
 };
 use crate::{
+    alarm::Alarm,
     control::{
         protocol::{ErrorKind, ErrorReply, Reply, Request},
         server::Command,
@@ -86,8 +87,6 @@ pub async fn run(
         protocol: start.socket_protocol,
     };
     let host = RealHost::new(group, steering, workers, tx, manager, start.record_dir);
-    let mut tick = tokio::time::interval(settings.sample_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let Signals {
         mut term,
         mut int,
@@ -95,6 +94,7 @@ pub async fn run(
         mut usr1,
         mut usr2,
     } = signals;
+    let mut alarm = Alarm::new().context("creating the controller's timer (timerfd)")?;
     let mut sup = Supervisor::new(host, settings, steer, start.slots);
     match start.inherited {
         Some(inherited) => sup.adopt(inherited).await,
@@ -102,7 +102,21 @@ pub async fn run(
     }
     sup.save_record();
     loop {
+        // No fixed tick: the loop sleeps until the next sample or socket check is due (see
+        // `pacing`), or for ever when neither is.
+        let wake = sup.next_wake();
         tokio::select! {
+            woke = alarm.wait_until(wake) => {
+                if let Err(e) = woke {
+                    error!("the controller's timer (timerfd) failed: {e}; waiting on the runtime's timer this once");
+                    sleep_until(wake).await;
+                }
+                // Samples change nothing the record keeps; a socket check, or a restart a
+                // sample started, may.
+                if !sup.on_tick().await {
+                    continue;
+                }
+            }
             _ = chld.recv() => reap(&mut sup).await,
             Some(event) = rx.recv() => sup.handle(event).await,
             msg = notify.recv() => match msg {
@@ -149,12 +163,6 @@ pub async fn run(
                     Err(e) => warn!("SIGUSR2: {e}"),
                 }
             }
-            _ = tick.tick() => {
-                // Samples change nothing the record keeps, unless one started a restart.
-                if !sup.on_sample().await {
-                    continue;
-                }
-            }
             _ = term.recv() => { info!("SIGTERM: stopping workers"); break; }
             _ = int.recv() => { info!("SIGINT: stopping workers"); break; }
             _ = hup.recv() => {
@@ -168,6 +176,14 @@ pub async fn run(
     }
     shutdown(&mut sup, &mut rx, &mut chld).await;
     Ok(Exit::Stopped)
+}
+
+/// Sleeps until `at`; for ever when `None`.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A SIGTERM or SIGINT that arrived while we handed over was meant for the service: it goes

@@ -154,6 +154,9 @@ pub trait Host {
     /// The current time (a fake host moves it by hand).
     fn now(&self) -> Instant;
 
+    /// The controller process's CPU time so far (user and system, every thread).
+    fn cpu_time(&self) -> Duration;
+
     /// Starts the worker of `slot` on its sockets, pinned to `cpus` when given; returns its
     /// pid. Must run on the runtime's thread (see `activation::spawn`).
     fn spawn(

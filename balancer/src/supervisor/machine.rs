@@ -2,13 +2,15 @@
 //! publishing the tables, the layout pinning follows. The handlers live beside it, one file
 //! per input (`lifecycle`, `requests`, `operation`, `sampling`, `shutdown`) and the read
 //! models in `views`; none of them touches the world except through [`Host`].
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::{error, info, warn};
 
 use super::{
+    cpu_meter::CpuMeter,
     host::{Host, Publish, SlotSnapshot, Timer},
     operation::Operation,
+    pacing::Pacer,
     settings::{InheritedSlot, Settings, Steer},
     slot::{Ids, Membership, Occupant, Phase, Slot, Worker},
 };
@@ -36,8 +38,10 @@ pub struct Supervisor<H: Host> {
     /// first ready, every slot keeps its share.
     pub(super) fresh_start: bool,
     pub(super) started: Instant,
-    /// Time spent sampling queue depths, for `status`.
-    pub(super) sampling_spent: Duration,
+    /// How often the queues are sampled (see `pacing`).
+    pub(super) pacer: Pacer,
+    /// The controller's CPU time, for `status`.
+    pub(super) cpu: CpuMeter,
     /// The last sample: accept-queue depth per slot, summed over the addresses.
     pub(super) depths: Vec<u32>,
     /// The last `STATUS=` the service manager was told (sent again only when it changes).
@@ -56,6 +60,8 @@ impl<H: Host> Supervisor<H> {
     pub fn new(host: H, settings: Settings, steer: Steer, slots: u32) -> Self {
         let started = host.now();
         Self {
+            pacer: Pacer::new(settings.sample_interval),
+            cpu: CpuMeter::new(started, host.cpu_time()),
             host,
             settings,
             steer,
@@ -66,7 +72,6 @@ impl<H: Host> Supervisor<H> {
             announced_ready: false,
             fresh_start: false,
             started,
-            sampling_spent: Duration::ZERO,
             depths: Vec::new(),
             manager_status: String::new(),
             next_socket_check: None,

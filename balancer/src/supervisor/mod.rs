@@ -8,11 +8,13 @@
 //! effect on processes, sockets, maps, timers and the clock goes through the [`host::Host`]
 //! seam, so that the unit tests run the same decisions against a fake host in milliseconds.
 //! See `docs/architecture.md`.
+mod cpu_meter;
 mod event_loop;
 pub mod host;
 mod lifecycle;
 mod machine;
 pub mod operation;
+mod pacing;
 mod real_host;
 mod requests;
 mod sampling;

@@ -2,7 +2,9 @@
 //! and scale start an [`super::operation::Operation`].
 use log::{info, warn};
 
-use super::{host::Host, machine::Supervisor, operation::Responder, slot::Membership};
+use super::{
+    host::Host, machine::Supervisor, operation::Responder, pacing::Pace, slot::Membership,
+};
 use crate::{
     control::protocol::{ErrorKind, ErrorReply, Outcome, PolicyName, Reply, Request},
     policy::cpu_overflow,
@@ -19,7 +21,15 @@ impl<H: Host> Supervisor<H> {
             return;
         }
         let outcome = match request {
-            Request::Status => Ok(Reply::Status(self.status())),
+            Request::Status => {
+                // Unsampled, the queue column would be stale: one sample for the reader.
+                if self.pace() == Pace::Off {
+                    self.on_sample().await;
+                }
+                let (now, cpu) = (self.host.now(), self.host.cpu_time());
+                self.cpu.mark(now, cpu);
+                Ok(Reply::Status(self.status()))
+            }
             Request::Policy => Ok(Reply::Policy(self.policy_report())),
             Request::SetPolicy {
                 policy,

@@ -1,22 +1,93 @@
 //! The load signal: every sample of the accept queues feeds the program's depth map and
 //! stall detection, which takes stalled slots out of the tables, evacuates their queues and,
 //! with `--kill-stalled`, kills their workers; and the queue of a slot that has had no ready
-//! worker for the stall timeout (a crash loop) is moved to live slots too.
+//! worker for the stall timeout (a crash loop) is moved to live slots too. The event loop
+//! wakes up only when a sample (at the pace `pacing` decides) or a socket check is due.
+use std::time::{Duration, Instant};
+
 use log::{error, info, warn};
 use nix::sys::signal::Signal;
 
-use super::{host::Host, lifecycle::round_ms, machine::Supervisor, slot::Membership};
+use super::{
+    host::Host,
+    lifecycle::round_ms,
+    machine::Supervisor,
+    pacing::{Demand, Pace},
+    slot::Membership,
+};
 use crate::stall::Transition;
 
 impl<H: Host> Supervisor<H> {
-    /// Samples every accept queue and reacts to what stall detection makes of it. Returns
-    /// whether it started an operation (a restart of a worker whose socket was replaced),
-    /// the only change a sample makes to what the group's record keeps.
-    pub async fn on_sample(&mut self) -> bool {
+    /// What the enabled features ask of the load signal now.
+    pub(super) fn demand(&self) -> Demand {
+        Demand::of(
+            self.steer.policy,
+            self.steer.spill_depth,
+            !self.settings.stall_timeout.is_zero(),
+            self.slots.iter().any(|s| s.stall.is_stalled()),
+        )
+    }
+
+    /// The sampling pace in force.
+    pub fn pace(&self) -> Pace {
+        self.pacer.pace(self.demand())
+    }
+
+    /// When the event loop must next call [`Supervisor::on_tick`]: the next sample or socket
+    /// check, whichever is first; `None` when neither will ever be due (nothing reads the load
+    /// signal and the socket check is off).
+    pub fn next_wake(&self) -> Option<Instant> {
+        let now = self.host.now();
+        let sample = self.pacer.due(self.demand(), now);
+        let check = self.socket_check_due(now);
+        match (sample, check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn socket_check_due(&self, now: Instant) -> Option<Instant> {
+        if self.settings.socket_check.is_zero() {
+            return None;
+        }
+        Some(self.next_socket_check.unwrap_or(now))
+    }
+
+    /// Does what is due: a sample, a socket check, or both. Returns whether what the group's
+    /// record keeps may have changed: a socket check ran, or an operation started (a restart
+    /// of a worker whose socket was replaced); a sample changes nothing else it keeps.
+    pub async fn on_tick(&mut self) -> bool {
         let idle = self.op.is_none();
-        let started = self.host.now();
+        let now = self.host.now();
+        if self
+            .pacer
+            .due(self.demand(), now)
+            .is_some_and(|at| at <= now)
+        {
+            self.on_sample().await;
+        }
+        // A check due before the next sample runs with this one: one wake-up, not two.
+        let slack = match self.pace() {
+            Pace::Off => Duration::ZERO,
+            pace => pace.interval().unwrap_or_default(),
+        };
+        let checked = self
+            .socket_check_due(now)
+            .is_some_and(|at| at <= now + slack);
+        if checked {
+            self.next_socket_check = Some(now + self.settings.socket_check);
+            self.check_sockets();
+        }
+        if self.cpu.wants_mark(now) {
+            let cpu = self.host.cpu_time();
+            self.cpu.mark(now, cpu);
+        }
+        checked || (idle && self.op.is_some())
+    }
+
+    /// Samples every accept queue and reacts to what stall detection makes of it.
+    pub async fn on_sample(&mut self) {
         let depths = self.host.sample_queues();
-        self.sampling_spent += self.host.now().saturating_duration_since(started);
         let cfg = self.settings.stall();
         let now = self.host.now();
         let detect = !self.settings.stall_timeout.is_zero();
@@ -67,12 +138,9 @@ impl<H: Host> Supervisor<H> {
                 self.evacuate(slot);
             }
         }
-        let every = self.settings.socket_check;
-        if !every.is_zero() && self.next_socket_check.is_none_or(|at| now >= at) {
-            self.next_socket_check = Some(now + every);
-            self.check_sockets();
-        }
-        idle && self.op.is_some()
+        let busy = self.depths.iter().any(|d| *d > 0);
+        let demand = self.demand();
+        self.pacer.sampled(now, busy, demand);
     }
 
     /// Slots that have had no ready worker for the stall timeout (a worker that keeps

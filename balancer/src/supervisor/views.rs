@@ -3,9 +3,9 @@
 use balancer_common::SlotCounters;
 use log::error;
 
-use super::{host::Host, machine::Supervisor};
+use super::{host::Host, machine::Supervisor, pacing::Pace};
 use crate::{
-    control::protocol::{PolicyReport, SlotStatus, StatusReport},
+    control::protocol::{PolicyReport, SamplingPace, SlotStatus, StatusReport},
     policy::describe,
     report::SlotView,
 };
@@ -56,6 +56,8 @@ impl<H: Host> Supervisor<H> {
             .then(|| self.host.program_stats())
             .flatten();
         let uptime = now.saturating_duration_since(self.started).as_secs_f64();
+        let cpu = self.host.cpu_time();
+        let cpu_rate = self.cpu.rate(now, cpu);
         StatusReport {
             pid: std::process::id(),
             uptime_secs: uptime,
@@ -63,7 +65,18 @@ impl<H: Host> Supervisor<H> {
             weights: self.steer.weights.clone(),
             spill_depth: self.steer.spill_depth,
             sample_interval_us: self.settings.sample_interval.as_micros() as u64,
-            sampling_cost_us_per_sec: self.sampling_spent.as_secs_f64() * 1e6 / uptime.max(1e-3),
+            sampling_cost_us_per_sec: cpu_rate.per_sec * 1e6,
+            sampling: Some(match self.pace() {
+                Pace::Off => SamplingPace::Off,
+                Pace::Fast(d) => SamplingPace::Fast {
+                    every_us: d.as_micros() as u64,
+                },
+                Pace::Idle(d) => SamplingPace::Idle {
+                    every_us: d.as_micros() as u64,
+                },
+            }),
+            controller_cpu_secs: cpu.as_secs_f64(),
+            controller_cpu_window_secs: cpu_rate.window.as_secs_f64(),
             listen: self
                 .host
                 .addresses()

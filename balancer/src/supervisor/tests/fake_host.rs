@@ -111,6 +111,10 @@ pub struct FakeHost {
     pub socket_checks: u32,
     /// Connections in their handshake, as the next drain checks see them.
     pub half_open: usize,
+    /// Samples taken so far.
+    pub samples: u32,
+    /// The controller's CPU time, as the test sets it.
+    pub cpu: Duration,
     next_pid: u32,
 }
 
@@ -130,6 +134,8 @@ impl FakeHost {
             socket_faults: Vec::new(),
             socket_checks: 0,
             half_open: 0,
+            samples: 0,
+            cpu: Duration::ZERO,
             manager: Vec::new(),
             record: Vec::new(),
             stored: Default::default(),
@@ -190,6 +196,10 @@ impl FakeHost {
 impl Host for FakeHost {
     fn now(&self) -> Instant {
         self.now
+    }
+
+    fn cpu_time(&self) -> Duration {
+        self.cpu
     }
 
     fn spawn(
@@ -315,6 +325,7 @@ impl Host for FakeHost {
     }
 
     fn sample_queues(&mut self) -> Vec<Vec<u32>> {
+        self.samples += 1;
         vec![self.depths.clone()]
     }
 

@@ -5,6 +5,7 @@ mod adoption;
 mod fake_host;
 mod lifecycle;
 mod operations;
+mod pacing;
 mod sockets;
 mod states;
 mod stop_signal;
@@ -43,6 +44,15 @@ fn settings() -> Settings {
         evacuate: true,
         kill_stalled: None,
         socket_check: Duration::from_secs(1),
+    }
+}
+
+/// Settings with stall detection off: with spill off and a policy other than least-loaded,
+/// nothing reads the load signal.
+fn settings_without_signal() -> Settings {
+    Settings {
+        stall_timeout: Duration::ZERO,
+        ..settings()
     }
 }
 
@@ -102,6 +112,22 @@ async fn advance(sup: &mut Sup, by: Duration) {
         sup.handle(Event::Timer(timer)).await;
     }
     sup.host_mut().now = until;
+}
+
+/// Runs the event loop's clock for `by`: the supervisor is woken when it asked to be (the
+/// samples and socket checks it scheduled), timers fire in between.
+async fn run_for(sup: &mut Sup, by: Duration) {
+    let until = sup.host().now + by;
+    // Bounded: a wake-up that is due but does nothing would otherwise spin here.
+    for _ in 0..10_000_000 {
+        let Some(wake) = sup.next_wake().filter(|at| *at <= until) else {
+            break;
+        };
+        let wait = wake.saturating_duration_since(sup.host().now);
+        advance(sup, wait).await;
+        sup.on_tick().await;
+    }
+    advance(sup, until.saturating_duration_since(sup.host().now)).await;
 }
 
 /// Sends a request; the receiver has the outcome once the supervisor answered.

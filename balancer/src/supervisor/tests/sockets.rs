@@ -9,10 +9,7 @@ use crate::{
 };
 
 async fn sample_ms(sup: &mut Sup, ms: u64) {
-    for _ in 0..ms {
-        super::advance(sup, Duration::from_millis(1)).await;
-        sup.on_sample().await;
-    }
+    super::run_for(sup, Duration::from_millis(ms)).await;
 }
 
 fn spawns(sup: &Sup) -> Vec<u32> {
@@ -40,7 +37,25 @@ fn recreated(slot: u32) -> SocketRepair {
 async fn sockets_are_checked_once_a_second_not_on_every_sample() {
     let mut sup = ready(2).await;
     sample_ms(&mut sup, 2500).await;
-    // At the first sample, then after 1 s and 2 s.
+    // At once, then after 1 s and 2 s.
+    assert_eq!(sup.host().socket_checks, 3);
+}
+
+#[tokio::test]
+async fn sockets_are_checked_even_when_nothing_is_sampled() {
+    let mut sup = super::ready_with(2, super::settings_without_signal()).await;
+    let mut rx = ask(
+        &mut sup,
+        Request::SetPolicy {
+            policy: crate::control::protocol::PolicyName::Hash,
+            weights: None,
+            spill_depth: Some(0),
+        },
+    )
+    .await;
+    assert!(answered(&mut rx).is_ok());
+    sample_ms(&mut sup, 2500).await;
+    assert_eq!(sup.host().samples, 0, "nothing reads the load signal");
     assert_eq!(sup.host().socket_checks, 3);
 }
 
@@ -50,13 +65,18 @@ async fn a_replaced_socket_gets_its_worker_restarted_once() {
     let old = pid(&sup, 1);
     super::advance(&mut sup, Duration::from_millis(1)).await;
     assert!(
-        !sup.on_sample().await,
-        "nothing to repair: the record stays as it is"
+        sup.on_tick().await,
+        "the first check ran: the record is saved"
     );
-    super::advance(&mut sup, Duration::from_secs(1)).await;
+    super::advance(&mut sup, Duration::from_millis(500)).await;
+    assert!(
+        !sup.on_tick().await,
+        "a sample alone: the record stays as it is"
+    );
+    super::advance(&mut sup, Duration::from_millis(500)).await;
     sup.host_mut().socket_faults = vec![recreated(1)];
     assert!(
-        sup.on_sample().await,
+        sup.on_tick().await,
         "a restart started: the record must be saved"
     );
     assert_eq!(
