@@ -113,7 +113,6 @@ fn serve_through_everything(server: Server) {
     load.pause();
     // SAFETY: kill(2) on the worker the controller reported.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
-    load.resume();
     let status = wait_status(&b, "slot 0 respawned", |s| {
         all_ready(s, 2) && s.slots[0].pid.is_some_and(|p| p != victim)
     });
@@ -124,6 +123,9 @@ fn serve_through_everything(server: Server) {
             "pid {p} of the killed {server:?}'s group still runs"
         );
     }
+    // Only now: until the controller reaped the master and killed what it left, a request
+    // could land in an orphaned nginx worker and be cut with it.
+    load.resume();
     every_slot_serves(&b, &load, &counts, "after kill -9");
 
     let (answers, failed) = load.finish();

@@ -140,8 +140,9 @@ pub enum PolicyAction {
 #[derive(Debug, Subcommand)]
 pub enum WorkersCommand {
     /// Replace workers one slot at a time: the new worker starts on the same socket, and the
-    /// old one gets SIGTERM once the new one is ready. If it never becomes ready, the old one
-    /// stays and the command fails. SIGHUP to the controller restarts every slot too.
+    /// old one gets the stop signal (--stop-signal) once the new one is ready. If it never
+    /// becomes ready, the old one stays and the command fails. SIGHUP to the controller
+    /// restarts every slot too.
     #[command(
         after_help = "Examples:\n  balancer workers restart\n  balancer workers restart --slot 2"
     )]

@@ -35,12 +35,34 @@ pub enum StopSignalError {
         "signal 0 stops nothing (it only checks a process exists): give a signal such as TERM"
     )]
     Zero,
+    /// A signal that freezes a process (STOP, TSTP, TTIN, TTOU) or that no server takes as a
+    /// request to stop (CONT, CHLD, URG: ignored by default): every stop would wait out the
+    /// grace, with the old worker holding its connections.
+    #[error("{0} does not ask a process to finish and exit (it freezes it, or is ignored by default): give the server's graceful-stop signal, such as TERM, QUIT, INT or WINCH")]
+    CannotStop(&'static str),
 }
 
 impl FromStr for StopSignal {
     type Err = StopSignalError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let signal = Self::any(s)?;
+        match signal.0 {
+            Signal::SIGSTOP
+            | Signal::SIGTSTP
+            | Signal::SIGTTIN
+            | Signal::SIGTTOU
+            | Signal::SIGCONT
+            | Signal::SIGCHLD
+            | Signal::SIGURG => Err(StopSignalError::CannotStop(signal.0.as_str())),
+            _ => Ok(signal),
+        }
+    }
+}
+
+impl StopSignal {
+    /// Any signal, by name or number.
+    fn any(s: &str) -> Result<Self, StopSignalError> {
         let s = s.trim();
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
             let n: i32 = s
@@ -111,6 +133,11 @@ mod tests {
                 StopSignalError::UnknownNumber("99999999999999999999".into()),
             ),
             ("0", StopSignalError::Zero),
+            ("STOP", StopSignalError::CannotStop("SIGSTOP")),
+            ("19", StopSignalError::CannotStop("SIGSTOP")),
+            ("sigtstp", StopSignalError::CannotStop("SIGTSTP")),
+            ("CONT", StopSignalError::CannotStop("SIGCONT")),
+            ("CHLD", StopSignalError::CannotStop("SIGCHLD")),
         ] {
             assert_eq!(text.parse::<StopSignal>(), Err(want), "{text:?}");
         }

@@ -89,7 +89,11 @@ pub fn idle_cost(
 ) -> Result<IdleCost> {
     let name = format!("bench-idle-{}-{slots}", std::process::id());
     let control = scratch.join(format!("{name}.sock"));
+    // Workers outlive their controller: whatever way this ends, the tag finds them.
+    let tag = format!("bench-idle-{}-{slots}", std::process::id());
+    let _cleanup = KillTagged(tag.clone());
     let mut child = Command::new(balancer)
+        .env(balancer_bench::process::TAG_VAR, &tag)
         .args(["run", "--listen", "127.0.0.1:0", "--workers"])
         .arg(slots.to_string())
         .args(["--name", &name, "--control"])
@@ -176,6 +180,15 @@ fn status(balancer: &Path, control: &Path) -> Result<StatusReport> {
         bail!("balancer status: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Kills every process tagged with it when dropped (a failed or interrupted measurement).
+struct KillTagged(String);
+
+impl Drop for KillTagged {
+    fn drop(&mut self) {
+        balancer_bench::process::kill_tagged(&self.0);
+    }
 }
 
 /// SIGTERM, then SIGKILL after 15 s.

@@ -344,8 +344,16 @@ fn check_installed(deb: &Path) -> Result<()> {
         Some("not root".to_owned())
     } else if !status.is_empty() && status != "not-installed" {
         Some(format!("dpkg has a {PACKAGE} package ({status}) already"))
-    } else if Path::new("/").join(BINARY).exists() {
-        Some(format!("/{BINARY} exists and is no package's"))
+    } else if let Some((path, _)) = expected_files()
+        .into_iter()
+        .find(|(rel, _)| Path::new("/").join(rel).exists())
+    {
+        // Not ours (no balancer package is installed): dpkg -i would overwrite it and the
+        // purge delete it.
+        Some(format!(
+            "{} exists and is no package's",
+            Path::new("/").join(&path).display()
+        ))
     } else {
         None
     };
@@ -359,11 +367,13 @@ fn check_installed(deb: &Path) -> Result<()> {
     let installed = Installed;
     dpkg(&["--install"], deb)?;
     check_tree(Path::new("/"), &version()?)?;
-    // As an operator would run it: found through PATH.
-    let said = output_of(Command::new(PACKAGE).arg("--version"))?;
+    // The installed binary itself (PATH may find another copy first).
+    let installed_binary = Path::new("/").join(BINARY);
+    let said = output_of(Command::new(&installed_binary).arg("--version"))?;
     ensure!(
         said.trim() == format!("{PACKAGE} {}", version()?),
-        "`{PACKAGE} --version` from PATH said {said:?}"
+        "`{} --version` said {said:?}",
+        installed_binary.display()
     );
     drop(installed);
     ensure!(

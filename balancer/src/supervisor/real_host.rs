@@ -342,6 +342,8 @@ impl Host for RealHost {
         tokio::spawn(async move {
             // A pidfd turns readable when its process exits.
             let _ = watch.readable().await;
+            // What it leaves of its group holds the slot's sockets, as a child's would.
+            kill_orphans(pid);
             let _ = tx.send(Event::Exited {
                 generation,
                 pid,
