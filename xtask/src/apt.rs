@@ -29,6 +29,9 @@ const TEST_TOOLS: [(&str, &str); 7] = [
 
 /// Where invoke-rc.d asks whether a package's service may start (Debian policy).
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+/// The line that marks a policy-rc.d as one of ours.
+const MARKER: &str =
+    "# cargo xtask setup: the test servers' services do not start during its apt-get install";
 
 /// Whether the installed packages' services may start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,11 +78,12 @@ pub fn cannot_apt() -> Option<&'static str> {
 /// `apt-get install OPTIONS PACKAGES`, after refreshing the package lists.
 pub fn apt_install(packages: &[&str], options: &[&str], services: Services) -> Result<()> {
     step(&format!("installing {} with apt-get", packages.join(" ")));
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Only for the install itself: nothing else is refused meanwhile for longer than needed.
     let _policy = match services {
         Services::Forbidden => Some(NoServices::install(Path::new(POLICY_RC_D))?),
         Services::MayStart => None,
     };
-    sh(Command::new("apt-get").args(["update", "-qq"]))?;
     sh(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq"])
@@ -96,6 +100,11 @@ struct NoServices {
 impl NoServices {
     /// At `path` (the system's [`POLICY_RC_D`]; a scratch path in the tests).
     fn install(path: &Path) -> Result<Self> {
+        // One an earlier run left behind (killed before its drop) is ours to replace.
+        if std::fs::read_to_string(path).is_ok_and(|text| text.contains(MARKER)) {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the leftover {}", path.display()))?;
+        }
         // create_new: one that exists (or appears meanwhile) is never overwritten.
         let mut file = match std::fs::OpenOptions::new()
             .write(true)
@@ -114,7 +123,11 @@ impl NoServices {
             created: Some(path.to_path_buf()),
         };
         file.write_all(
-            b"#!/bin/sh\n# cargo xtask setup: no service starts during its apt-get install\nexit 101\n",
+            format!(
+                "#!/bin/sh\n{MARKER}\n# Only the test servers' services are refused; any other may start.\n\
+                 for a in \"$@\"; do case \"$a\" in nginx|lighttpd|gunicorn) exit 101;; esac; done\nexit 0\n"
+            )
+            .as_bytes(),
         )
         .with_context(|| format!("writing {}", path.display()))?;
         Ok(created)
@@ -151,12 +164,27 @@ mod tests {
         let dir = env::temp_dir().join(format!("xtask-policy-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("policy-rc.d");
+        let run = |args: &[&str]| Command::new(&path).args(args).status().unwrap().code();
         {
             let _guard = NoServices::install(&path).unwrap();
-            let status = Command::new(&path).status().unwrap();
-            assert_eq!(status.code(), Some(101), "action forbidden");
+            // As invoke-rc.d asks: `policy-rc.d [options] <service> <actions>`.
+            assert_eq!(
+                run(&["nginx", "start"]),
+                Some(101),
+                "nginx's start forbidden"
+            );
+            assert_eq!(run(&["--quiet", "lighttpd", "start"]), Some(101));
+            assert_eq!(
+                run(&["ssh", "restart"]),
+                Some(0),
+                "any other service may start"
+            );
         }
         assert!(!path.exists(), "the one it created is removed");
+        // One a killed run left (its marker line) is replaced, and removed again.
+        std::fs::write(&path, format!("#!/bin/sh\n{MARKER}\nexit 101\n")).unwrap();
+        drop(NoServices::install(&path).unwrap());
+        assert!(!path.exists(), "a leftover of ours is not kept");
         std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
         drop(NoServices::install(&path).unwrap());
         assert_eq!(
