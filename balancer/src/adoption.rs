@@ -92,6 +92,7 @@ pub fn find(
     name: &str,
     listen: Option<&[SocketAddr]>,
     handing_over: Option<u32>,
+    how: Stop,
 ) -> Result<Found, AdoptionError> {
     let Some(record) = GroupRecord::load(dir)? else {
         return Ok(Found::Nothing);
@@ -164,7 +165,7 @@ pub fn find(
                         "slot {slot}: worker pid {} cannot be adopted ({why}): stopping it; the slot gets a new worker",
                         w.process.pid
                     );
-                    stop(&w.process);
+                    stop(&w.process, how);
                     None
                 }
             }
@@ -191,18 +192,25 @@ pub fn find(
     })
 }
 
-/// How long a worker that cannot be adopted gets to exit after SIGTERM.
-const STOP_WITHIN: Duration = Duration::from_secs(5);
+/// How a worker that cannot be adopted is stopped: the controller's `--stop-signal`, then
+/// SIGKILL after its `--grace`, as any worker it stops.
+#[derive(Clone, Copy, Debug)]
+pub struct Stop {
+    /// The signal that asks it to finish and exit.
+    pub signal: Signal,
+    /// How long it gets before SIGKILL.
+    pub grace: Duration,
+}
 
-/// Stops a recorded worker that still runs (SIGTERM to its process group, SIGKILL after
-/// [`STOP_WITHIN`]), checking its identity before every signal.
-fn stop(process: &ProcessId) {
+/// Stops a recorded worker that still runs (the stop signal to its process group, SIGKILL
+/// after the grace), checking its identity before every signal.
+fn stop(process: &ProcessId, how: Stop) {
     let group = Pid::from_raw(process.pid as i32);
     if !process.alive() {
         return;
     }
-    let _ = killpg(group, Signal::SIGTERM);
-    let deadline = Instant::now() + STOP_WITHIN;
+    let _ = killpg(group, how.signal);
+    let deadline = Instant::now() + how.grace;
     while process.alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -212,11 +212,17 @@ fn run_group(
         .map(balancer::credentials::resolve)
         .transpose()?;
     let prepared = startup::prepare(
-        &args.listen,
-        args.name.clone(),
-        slots,
-        (policy, args.spill_depth),
-        args.backlog,
+        startup::Asked {
+            listen: &args.listen,
+            name: args.name.clone(),
+            slots,
+            steer: (policy, args.spill_depth),
+            backlog: args.backlog,
+            stop: balancer::adoption::Stop {
+                signal: args.stop_signal.0,
+                grace: args.grace,
+            },
+        },
         handing_over.clone(),
         &mut stored,
     )?;

@@ -54,17 +54,37 @@ impl Prepared {
     }
 }
 
+/// What the command line asks of the group.
+pub struct Asked<'a> {
+    /// `--listen`.
+    pub listen: &'a [SocketAddr],
+    /// `--name`, if given.
+    pub name: Option<String>,
+    /// Slots of a new group.
+    pub slots: u32,
+    /// Policy and spill depth of a new group.
+    pub steer: (PolicyKind, u32),
+    /// `--backlog`.
+    pub backlog: u32,
+    /// How a recorded worker that cannot be adopted is stopped.
+    pub stop: adoption::Stop,
+}
+
 /// Names the group, adopts it when a dead controller left live workers (or a live one hands
-/// it over: `handing_over`), else binds a new one with `slots` slots under `steer`.
+/// it over: `handed`), else binds a new one with `slots` slots under `steer`.
 pub fn prepare(
-    listen: &[SocketAddr],
-    name: Option<String>,
-    slots: u32,
-    steer: (PolicyKind, u32),
-    backlog: u32,
+    asked: Asked<'_>,
     handed: Option<Handed>,
     stored: &mut Stored,
 ) -> anyhow::Result<Prepared> {
+    let Asked {
+        listen,
+        name,
+        slots,
+        steer,
+        backlog,
+        stop,
+    } = asked;
     // A handover names the group; the record then says where it listens (our own --listen
     // may say port 0, which names no group).
     let (handing_over, name) = match &handed {
@@ -87,6 +107,7 @@ pub fn prepare(
             name,
             (handing_over.is_none()).then_some(listen),
             handing_over,
+            stop,
         )?,
         None => Found::Nothing,
     };
