@@ -1,13 +1,11 @@
-//! The setups compared, each serving the same demo worker on loopback: what users would run
-//! instead of balancer, and balancer itself.
+//! The setups compared on loopback: what users would run instead of balancer, and balancer
+//! itself, each serving the same demo worker; and the same comparison with nginx as the
+//! server (its own shared socket, its own `reuseport`, and one nginx master per balancer slot).
 use std::{
     net::SocketAddr,
-    os::{
-        fd::{AsRawFd, RawFd},
-        unix::process::CommandExt,
-    },
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     thread,
     time::{Duration, Instant},
 };
@@ -16,9 +14,15 @@ use anyhow::{bail, Context as _, Result};
 use aya::{programs::SkReuseport, Ebpf};
 use balancer::control::protocol::StatusReport;
 use balancer_common::PROGRAM_PASS;
-use socket2::{Domain, Socket, Type};
+use socket2::Socket;
 
-use balancer_bench::client::{get, online_cpus};
+use balancer::control::protocol::SlotState;
+use balancer_bench::client::online_cpus;
+
+use crate::{
+    launch::{listener, spawn_worker, start_balancer, stop_upgraded, wait_answering},
+    nginx::{self, Listen},
+};
 
 /// One setup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,11 +37,16 @@ pub enum Arm {
     PassOnly,
     /// balancer with a policy.
     Balancer(&'static str),
+    /// nginx alone, one master and a worker process per CPU, on a shared socket or with
+    /// `reuseport`.
+    Nginx(Listen),
+    /// balancer with a policy, one nginx master with one worker process per slot.
+    NginxBalancer(&'static str),
 }
 
 impl Arm {
     /// Every arm, in report order.
-    pub const ALL: [Arm; 8] = [
+    pub const ALL: [Arm; 12] = [
         Arm::Shared,
         Arm::Reuseport,
         Arm::IncomingCpu,
@@ -46,7 +55,16 @@ impl Arm {
         Arm::Balancer("round-robin"),
         Arm::Balancer("least-loaded"),
         Arm::PassOnly,
+        Arm::Nginx(Listen::Shared),
+        Arm::Nginx(Listen::Reuseport),
+        Arm::NginxBalancer("cpu"),
+        Arm::NginxBalancer("hash"),
     ];
+
+    /// Whether nginx is its server (measured with wrk too; no fault scenarios).
+    pub fn is_nginx(self) -> bool {
+        matches!(self, Arm::Nginx(_) | Arm::NginxBalancer(_))
+    }
 
     /// Its name in tables and charts.
     pub fn name(self) -> String {
@@ -55,6 +73,13 @@ impl Arm {
             Arm::Reuseport => "2 reuseport (kernel hash)".into(),
             Arm::IncomingCpu => "3 reuseport + SO_INCOMING_CPU".into(),
             Arm::PassOnly => "7 reuseport + SK_PASS program".into(),
+            Arm::Nginx(Listen::Shared) => "N1 nginx, shared socket".into(),
+            Arm::Nginx(Listen::Reuseport) => "N2 nginx, listen reuseport".into(),
+            Arm::Nginx(Listen::Inherited) => "nginx, inherited sockets".into(),
+            Arm::NginxBalancer(p) => format!(
+                "{} nginx, balancer {p}",
+                if p == "cpu" { "N3" } else { "N4" }
+            ),
             Arm::Balancer(p) => format!(
                 "{} balancer {p}",
                 match p {
@@ -96,6 +121,10 @@ pub struct Server {
     upgraded_to: Option<u32>,
     _program: Option<Ebpf>,
     ctx_balancer: PathBuf,
+    /// The nginx arms' master (nginx alone), in its own process group.
+    nginx_master: Option<Child>,
+    /// The nginx arms' scratch directory: whatever still runs from it is swept at the end.
+    nginx_dir: Option<PathBuf>,
 }
 
 impl Server {
@@ -111,8 +140,53 @@ impl Server {
             upgraded_to: None,
             _program: None,
             ctx_balancer: ctx.balancer.clone(),
+            nginx_master: None,
+            nginx_dir: None,
         };
         match arm {
+            Arm::Nginx(listen) => {
+                let dir = nginx::arm_dir(&ctx.scratch, &arm.name());
+                server.nginx_dir = Some(dir.clone());
+                server.addr = nginx::free_loopback_addr()?;
+                let command = nginx::configure(&dir, server.addr, ctx.workers, listen)?;
+                server.nginx_master = Some(nginx::start_master(&command)?);
+            }
+            Arm::NginxBalancer(policy) => {
+                let dir = nginx::arm_dir(&ctx.scratch, &arm.name());
+                server.nginx_dir = Some(dir.clone());
+                let addr = nginx::free_loopback_addr()?;
+                // One worker process per master, a master per slot: N nginx workers in all,
+                // as in the nginx arms.
+                let command = nginx::configure(&dir, addr, 1, Listen::Inherited)?;
+                let control = ctx.scratch.join(format!("bench-nginx-{policy}.sock"));
+                let mut args: Vec<String> =
+                    ["--policy", policy, "--workers"].map(String::from).to_vec();
+                args.push(ctx.workers.to_string());
+                if policy == "cpu" {
+                    // The nginx worker inherits its master's pinning.
+                    args.push("--pin-workers".into());
+                }
+                // nginx does not notify: a slot is ready once this runs out.
+                args.extend(
+                    [
+                        "--socket-protocol",
+                        "nginx",
+                        "--stop-signal",
+                        "QUIT",
+                        "--ready-timeout",
+                        "500ms",
+                        "--",
+                    ]
+                    .map(String::from),
+                );
+                args.extend(command);
+                let (child, bound) =
+                    start_balancer(&ctx.balancer, &addr.to_string(), &args, &control)?;
+                server.addr = bound;
+                server.balancer = Some((child, control));
+                server.balancer_args = args;
+                server.wait_slots_ready(ctx.workers)?;
+            }
             Arm::Balancer(policy) => {
                 let control = ctx.scratch.join(format!("bench-{policy}.sock"));
                 let mut args: Vec<String> =
@@ -170,6 +244,29 @@ impl Server {
     /// A balancer arm's controller pid (the one it started).
     pub fn controller_pid(&self) -> Option<u32> {
         self.balancer.as_ref().map(|(child, _)| child.id())
+    }
+
+    /// Waits until every one of a balancer arm's `workers` slots is ready.
+    fn wait_slots_ready(&self, workers: u32) -> Result<()> {
+        let Some((_, control)) = &self.balancer else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self.status(control).ok().map_or(0, |s| {
+                s.slots
+                    .iter()
+                    .filter(|s| s.state == SlotState::Ready && s.pid.is_some())
+                    .count()
+            });
+            if ready == workers as usize {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{ready} of {workers} slots ready after 30 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The worker pid of `slot`, if one runs (a balancer slot may be respawning).
@@ -362,27 +459,25 @@ impl Server {
             let _ = w.kill();
             let _ = w.wait();
         }
+        self.stop_nginx();
     }
-}
 
-/// Stops a controller that an upgrade put in charge (not our child): SIGTERM, which stops
-/// its workers in order, then SIGKILL if it is still there after 15 s.
-fn stop_upgraded(pid: u32) {
-    let gone = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-    };
-    // SAFETY: kill(2) on the controller this bench's upgrade started.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !gone() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if !gone() {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    /// Stops an nginx arm's master, then sweeps whatever still runs from its directory
+    /// (balancer's nginx masters once the controller has stopped them, or after a failure).
+    fn stop_nginx(&mut self) {
+        if let Some(mut master) = self.nginx_master.take() {
+            nginx::stop_master(&mut master);
+        }
+        if let Some(dir) = self.nginx_dir.take() {
+            let left = nginx::sweep(&dir);
+            if left > 0 {
+                eprintln!(
+                    "{}: killed {left} nginx process(es) left running",
+                    dir.display()
+                );
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
 
@@ -407,115 +502,6 @@ impl Drop for Server {
             let _ = w.kill();
             let _ = w.wait();
         }
-    }
-}
-
-/// Starts `balancer run --listen LISTEN ARGS --control CONTROL` and waits for its listening
-/// line; returns it with the bound address.
-fn start_balancer(
-    balancer: &Path,
-    listen: &str,
-    args: &[String],
-    control: &Path,
-) -> Result<(Child, SocketAddr)> {
-    let mut child = Command::new(balancer)
-        .args(["run", "--listen", listen])
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting balancer")?;
-    let out = child.stdout.take().context("balancer stdout")?;
-    let addr = read_listen_line(out)?;
-    Ok((child, addr))
-}
-
-fn listener(addr: SocketAddr, arm: Arm, cpu: u32) -> Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    if arm != Arm::Shared {
-        s.set_reuse_port(true)?;
-    }
-    if arm == Arm::IncomingCpu {
-        s.set_cpu_affinity(cpu as usize)
-            .context("SO_INCOMING_CPU")?;
-    }
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    Ok(s)
-}
-
-/// Starts `balancer demo-worker` on listening socket `fd` (as fd 3, by socket activation).
-fn spawn_worker(balancer: &Path, fd: RawFd, slot: u32, cpu: Option<u32>) -> Result<Child> {
-    let mut cmd = Command::new(balancer);
-    cmd.args(["__exec-worker", "--"])
-        .arg(balancer)
-        .arg("demo-worker")
-        .env("LISTEN_FDS", "1")
-        .env("BALANCER_SLOT", slot.to_string())
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-            if let Some(cpu) = cpu {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu as usize, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd.spawn()?)
-}
-
-fn read_listen_line(out: std::process::ChildStdout) -> Result<SocketAddr> {
-    use std::io::{BufRead, BufReader};
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(addr) = line
-                    .strip_prefix("listening on ")
-                    .and_then(|l| l.split(' ').next())
-                    .and_then(|a| a.parse::<SocketAddr>().ok())
-                {
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .context("balancer did not print its listen address")
-}
-
-fn wait_answering(addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if get(addr).is_ok() {
-            // Let every worker finish starting.
-            thread::sleep(Duration::from_millis(300));
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{addr} does not answer");
-        }
-        thread::sleep(Duration::from_millis(20));
+        self.stop_nginx();
     }
 }

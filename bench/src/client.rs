@@ -12,6 +12,10 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The request every client sends.
 pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: balancer\r\n\r\n";
 
+/// The benchmark's request: one per connection, and it says so, as `wrk -H "Connection: close"`
+/// does (a real server such as nginx would otherwise keep the connection open).
+pub const CLOSE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: balancer\r\nConnection: close\r\n\r\n";
+
 /// Pins the calling thread to one CPU. On loopback the SYN is processed on the connecting
 /// thread's CPU, so this decides the RX CPU the steering program sees.
 pub fn pin_thread(cpu: u32) {
@@ -105,6 +109,64 @@ pub fn parse_answer(text: &str) -> Option<Answer> {
         cpu: field("cpu")?,
         on: field("on")?,
     })
+}
+
+/// What any server answered with status 200: the worker's pid when the body names it
+/// (`pid=…`: the demo worker, and the benchmark's nginx configuration), and whether the
+/// connection was handled on the CPU that received it when the body says (the demo worker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The worker's pid, when named.
+    pub pid: Option<u32>,
+    /// Handled on its RX CPU, when known.
+    pub local: Option<bool>,
+}
+
+/// Parses any `HTTP/1.x 200` answer (see [`Served`]); `None` for anything else.
+pub fn parse_served(text: &str) -> Option<Served> {
+    let status = text.lines().next()?;
+    let mut parts = status.split_whitespace();
+    let (version, code) = (parts.next()?, parts.next()?);
+    if !version.starts_with("HTTP/1.") || code != "200" {
+        return None;
+    }
+    if let Some(a) = parse_answer(text) {
+        return Some(Served {
+            pid: Some(a.pid),
+            local: Some(a.local()),
+        });
+    }
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some(Served {
+        pid: body
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("pid=")?.parse().ok()),
+        local: None,
+    })
+}
+
+/// One [`CLOSE_REQUEST`] to any HTTP server; its answer as [`parse_served`] reads it.
+pub fn get_served(addr: SocketAddr) -> std::io::Result<Served> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(CLOSE_REQUEST)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    parse_served(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a 200 answer: {text:?}"),
+        )
+    })
+}
+
+/// The closed-loop client thread `k`'s source address: 127.0.0.2, 127.0.0.3, … carrying
+/// over into the next octets, so that any CPU count gets distinct addresses in 127/8.
+pub fn client_source(k: usize) -> std::net::Ipv4Addr {
+    let base = u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2));
+    // 127/8 holds 2^24 addresses: wrap within it rather than leave it.
+    std::net::Ipv4Addr::from(base + (k as u32 % 0x00FF_FFF0))
 }
 
 /// What happened to one connection of an open-loop run.
@@ -230,6 +292,53 @@ mod tests {
         );
         assert!(!a.unwrap().local());
         assert_eq!(parse_answer("HTTP/1.1 500 x\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn any_200_is_served_and_names_its_pid_when_it_can() {
+        let demo = "HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\nslot=1 pid=42 cpu=0 on=0\n";
+        assert_eq!(
+            parse_served(demo),
+            Some(Served {
+                pid: Some(42),
+                local: Some(true)
+            })
+        );
+        let nginx = "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nConnection: close\r\n\r\npid=7\n";
+        assert_eq!(
+            parse_served(nginx),
+            Some(Served {
+                pid: Some(7),
+                local: None
+            })
+        );
+        let bare = "HTTP/1.0 200 OK\r\n\r\nhello";
+        assert_eq!(
+            parse_served(bare),
+            Some(Served {
+                pid: None,
+                local: None
+            })
+        );
+        for bad in [
+            "",
+            "HTTP/1.1 500 x\r\n\r\n",
+            "HTTP/1.1 2000 x",
+            "SSH-2.0 200",
+        ] {
+            assert_eq!(parse_served(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn client_sources_are_distinct_for_many_cpus() {
+        use std::net::Ipv4Addr;
+        assert_eq!(client_source(0), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(client_source(253), Ipv4Addr::new(127, 0, 0, 255));
+        assert_eq!(client_source(254), Ipv4Addr::new(127, 0, 1, 0));
+        let all: std::collections::HashSet<_> = (0..4096).map(client_source).collect();
+        assert_eq!(all.len(), 4096);
+        assert!((0..4096).map(client_source).all(|a| a.octets()[0] == 127));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! Closed-loop load: one client thread per CPU, pinned, each from its own 127.0.0.x source
-//! address, connecting as fast as answers come back.
+//! Closed-loop load: one client thread per CPU, pinned, each from its own 127.x.y.z source
+//! address, connecting as fast as answers come back. Any HTTP 200 counts as served; the
+//! answer's `pid=` (the demo worker, the bench's nginx) gives the spread over workers, and the
+//! demo worker's CPU fields give locality.
 use std::{
     collections::HashMap,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -11,7 +13,7 @@ use std::{
 use hdrhistogram::Histogram;
 use socket2::{Domain, Socket, Type};
 
-use balancer_bench::client::{parse_answer, pin_thread, REQUEST};
+use balancer_bench::client::{client_source, parse_served, pin_thread, CLOSE_REQUEST};
 
 /// Hard deadline of one connection.
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -37,6 +39,8 @@ pub struct RunResult {
     pub per_worker: HashMap<u32, u64>,
     /// Connections handled on the CPU that received them.
     pub local: u64,
+    /// Connections whose answer said where they were handled (the demo worker's).
+    pub located: u64,
 }
 
 impl RunResult {
@@ -50,6 +54,7 @@ impl RunResult {
             ttfb: histogram(),
             per_worker: HashMap::new(),
             local: 0,
+            located: 0,
         }
     }
 
@@ -63,9 +68,10 @@ impl RunResult {
         self.cpu_busy.as_secs_f64() * 1e6 / self.connections.max(1) as f64
     }
 
-    /// Share of connections handled on their RX CPU.
-    pub fn locality(&self) -> f64 {
-        self.local as f64 / self.connections.max(1) as f64
+    /// Share of connections handled on their RX CPU, of those whose answer said (`None`
+    /// when none did: nginx does not know its connections' RX CPU).
+    pub fn locality(&self) -> Option<f64> {
+        (self.located > 0).then(|| self.local as f64 / self.located as f64)
     }
 
     /// Coefficient of variation and max/min of the per-worker counts.
@@ -96,7 +102,7 @@ pub fn closed_loop(addr: SocketAddr, cpus: &[u32], duration: Duration) -> RunRes
         .map(|(k, &cpu)| {
             thread::spawn(move || {
                 pin_thread(cpu);
-                let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + k as u8));
+                let source = IpAddr::V4(client_source(k));
                 client_thread(addr, source, start + duration)
             })
         })
@@ -107,6 +113,7 @@ pub fn closed_loop(addr: SocketAddr, cpus: &[u32], duration: Duration) -> RunRes
         total.connections += r.connections;
         total.failed += r.failed;
         total.local += r.local;
+        total.located += r.located;
         let _ = total.connect.add(&r.connect);
         let _ = total.ttfb.add(&r.ttfb);
         for (pid, n) in r.per_worker {
@@ -133,7 +140,7 @@ fn client_thread(addr: SocketAddr, source: IpAddr, end: Instant) -> RunResult {
             let connected = t0.elapsed();
             let mut stream: TcpStream = s.into();
             stream.set_read_timeout(Some(DEADLINE))?;
-            stream.write_all(REQUEST)?;
+            stream.write_all(CLOSE_REQUEST)?;
             let mut first = [0u8; 1];
             stream.read_exact(&mut first)?;
             let ttfb = t0.elapsed() - connected;
@@ -142,14 +149,17 @@ fn client_thread(addr: SocketAddr, source: IpAddr, end: Instant) -> RunResult {
             stream.read_to_string(&mut text)?;
             Ok((connected, ttfb))
         })();
-        match (result, parse_answer(&text)) {
+        match (result, parse_served(&text)) {
             (Ok((c, t)), Some(a)) => {
                 r.connections += 1;
                 let _ = r.connect.record(c.as_micros().max(1) as u64);
                 let _ = r.ttfb.record(t.as_micros().max(1) as u64);
-                *r.per_worker.entry(a.pid).or_default() += 1;
-                if a.local() {
-                    r.local += 1;
+                if let Some(pid) = a.pid {
+                    *r.per_worker.entry(pid).or_default() += 1;
+                }
+                if let Some(local) = a.local {
+                    r.located += 1;
+                    r.local += u64::from(local);
                 }
             }
             _ => r.failed += 1,

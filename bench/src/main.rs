@@ -1,11 +1,17 @@
 //! `balancer-bench`: balancer against the listener setups users would pick instead, with the
-//! same client and the same worker program, arms interleaved, several runs each.
+//! same client and the same worker program, arms interleaved, several runs each; then the same
+//! with nginx as the server, measured by wrk as well. One worker and one client thread per
+//! CPU, whatever the CPU count.
 //!
 //! Run it with `cargo xtask bench` (`--quick` for a one-minute run). It needs root (eBPF).
 mod arms;
+mod cleanup;
 mod cost;
+mod launch;
 mod load;
+mod nginx;
 mod report;
+mod wrk;
 
 use std::{
     path::PathBuf,
@@ -72,6 +78,12 @@ struct Plan {
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(args) {
+        if cleanup::stopping() {
+            // The cleanup thread exits with the signal's status once everything is killed.
+            loop {
+                std::thread::park();
+            }
+        }
         eprintln!("balancer-bench: error: {e:#}");
         std::process::exit(1);
     }
@@ -115,9 +127,22 @@ fn run(args: Args) -> Result<()> {
             kill_every: Duration::from_millis(300),
         }
     };
+    nginx::check_installed()?;
+    wrk::check_installed()?;
     let cpus = online_cpus();
+    println!(
+        "{} CPUs: {} workers per arm (nginx: {} worker processes), {} client threads (wrk: {} threads, {} connections)",
+        cpus.len(),
+        cpus.len(),
+        cpus.len(),
+        cpus.len(),
+        cpus.len(),
+        cpus.len() as u32 * wrk::CONNECTIONS_PER_THREAD
+    );
     let scratch = std::env::temp_dir().join(format!("balancer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    // Whatever the bench started is killed when it ends, even on an error or Ctrl-C.
+    let _cleanup = cleanup::Cleanup::install(scratch.clone())?;
     // An idle controller's figure needs a long window: it wakes up only 20 times a second.
     let idle_window = Duration::from_secs(10);
     if args.cost_only {
@@ -133,12 +158,17 @@ fn run(args: Args) -> Result<()> {
         scratch: scratch.clone(),
     };
     let arms = Arm::ALL;
-    let steps = plan.runs as u64 * arms.len() as u64 + 3 * arms.len() as u64 + 1;
+    let nginx_arms = arms.iter().filter(|a| a.is_nginx()).count() as u64;
+    let demo_arms = arms.len() as u64 - nginx_arms;
+    let steps = plan.runs as u64 * (arms.len() as u64 + nginx_arms) + 3 * demo_arms + 1;
     let bar = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .expect("valid template"),
     );
-    let mut reports: Vec<ArmReport> = arms.iter().map(|a| ArmReport::new(a.name())).collect();
+    let mut reports: Vec<ArmReport> = arms
+        .iter()
+        .map(|a| ArmReport::new(a.name(), a.is_nginx()))
+        .collect();
 
     // Throughput: rounds over all arms, so drift hits every arm alike.
     for round in 0..plan.runs {
@@ -155,9 +185,21 @@ fn run(args: Args) -> Result<()> {
                     .controller_cpu
                     .push(spent.as_secs_f64() / started.elapsed().as_secs_f64() * 100.0);
             }
-            server.stop();
             reports[i].runs.push(r);
             bar.inc(1);
+            if arm.is_nginx() {
+                bar.set_message(format!(
+                    "run {}/{} {} (wrk)",
+                    round + 1,
+                    plan.runs,
+                    arm.name()
+                ));
+                let w = wrk::run(server.addr, ctx.workers, plan.run)
+                    .with_context(|| format!("wrk against {}", arm.name()))?;
+                reports[i].wrk.push(w);
+                bar.inc(1);
+            }
+            server.stop();
         }
     }
 
@@ -180,6 +222,9 @@ fn run(args: Args) -> Result<()> {
 
     // Scenarios: a stopped worker, and workers killed under load.
     for (i, arm) in arms.iter().enumerate() {
+        if arm.is_nginx() {
+            continue;
+        }
         bar.set_message(format!("stopped worker {}", arm.name()));
         reports[i].stall = Some(stopped_worker(*arm, &ctx, &plan)?);
         bar.inc(1);
@@ -207,7 +252,7 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&scratch);
 
-    let mut report = Report::new(reports, &plan_text(&plan), args.smoke);
+    let mut report = Report::new(reports, &plan_text(&plan), args.smoke, cpus.len());
     report.cost = cost;
     let dir = report.write(&args.out)?;
     print!("{}", report.markdown());
@@ -240,8 +285,8 @@ fn controller_cost(
 
 fn plan_text(p: &Plan) -> String {
     format!(
-        "{} run(s) of {:?} closed-loop per arm; stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}; controller restarts (balancer arms): closed loop for {:?}, the controller SIGKILLed and started again every 700 ms; controller upgrades (balancer arms): closed loop for {:?}, `balancer upgrade` every 700 ms",
-        p.runs, p.run, p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every, p.kill_load, p.kill_load
+        "{} run(s) of {:?} closed-loop per arm (nginx arms: then wrk for {}s on the same server); stopped worker: open loop at {}/s for {:?}, one worker stopped for {:?}; killed workers: closed loop for {:?}, one worker SIGKILLed every {:?}; controller restarts (balancer arms): closed loop for {:?}, the controller SIGKILLed and started again every 700 ms; controller upgrades (balancer arms): closed loop for {:?}, `balancer upgrade` every 700 ms",
+        p.runs, p.run, p.run.as_secs().max(1), p.stall_rate, p.stall_load, p.stall_stop, p.kill_load, p.kill_every, p.kill_load, p.kill_load
     )
 }
 

@@ -7,7 +7,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 
-use crate::load::RunResult;
+use crate::{load::RunResult, wrk::WrkRun};
 use balancer_bench::host_info::{machine, now_utc};
 
 /// A fault scenario's outcome for one arm.
@@ -27,6 +27,10 @@ pub struct Scenario {
 pub struct ArmReport {
     /// Arm name.
     pub name: String,
+    /// Whether nginx serves it (its own table; measured by wrk too).
+    pub nginx: bool,
+    /// wrk runs (nginx arms).
+    pub wrk: Vec<WrkRun>,
     /// Throughput runs.
     pub runs: Vec<RunResult>,
     /// Program ns per selection (stats pass).
@@ -47,9 +51,11 @@ pub struct ArmReport {
 
 impl ArmReport {
     /// An arm with nothing measured yet.
-    pub fn new(name: String) -> Self {
+    pub fn new(name: String, nginx: bool) -> Self {
         Self {
             name,
+            nginx,
+            wrk: Vec::new(),
             runs: Vec::new(),
             program_ns: None,
             stall: None,
@@ -62,12 +68,26 @@ impl ArmReport {
     }
 
     fn median_by(&self, f: impl Fn(&RunResult) -> f64) -> (f64, f64, f64) {
-        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return (0.0, 0.0, 0.0);
-        }
-        (v[v.len() / 2], v[0], v[v.len() - 1])
+        spread(self.runs.iter().map(f).collect())
+    }
+
+    /// The median locality, when the answers said (the demo worker's do, nginx's do not).
+    fn locality(&self) -> Option<f64> {
+        let v: Vec<f64> = self.runs.iter().filter_map(RunResult::locality).collect();
+        (!v.is_empty()).then(|| spread(v).0)
+    }
+
+    fn wrk_rate(&self) -> (f64, f64, f64) {
+        spread(self.wrk.iter().map(|w| w.rate).collect())
+    }
+}
+
+/// Median, min and max (zeros when empty).
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    match (v.get(v.len() / 2), v.first(), v.last()) {
+        (Some(m), Some(lo), Some(hi)) => (*m, *lo, *hi),
+        _ => (0.0, 0.0, 0.0),
     }
 }
 
@@ -76,6 +96,8 @@ pub struct Report {
     arms: Vec<ArmReport>,
     plan: String,
     smoke: bool,
+    /// CPUs the bench ran with: workers per arm and client threads.
+    cpus: usize,
     machine: String,
     date: String,
     /// The controller-cost section (markdown), when measured.
@@ -87,8 +109,9 @@ struct ArmJson<'a> {
     name: &'a str,
     rates: Vec<f64>,
     cpu_us_per_connection: Vec<f64>,
-    locality: Vec<f64>,
+    locality: Vec<Option<f64>>,
     failed: Vec<u64>,
+    wrk: &'a [WrkRun],
     program_ns_per_selection: Option<f64>,
     stopped_worker: Option<Scenario>,
     killed_workers: Option<Scenario>,
@@ -101,11 +124,12 @@ struct ArmJson<'a> {
 
 impl Report {
     /// Collects the arms' results.
-    pub fn new(arms: Vec<ArmReport>, plan: &str, smoke: bool) -> Self {
+    pub fn new(arms: Vec<ArmReport>, plan: &str, smoke: bool, cpus: usize) -> Self {
         Self {
             arms,
             plan: plan.to_owned(),
             smoke,
+            cpus,
             machine: machine(),
             date: now_utc(),
             cost: String::new(),
@@ -136,23 +160,25 @@ impl Report {
         let base_cpu = self
             .baseline()
             .map_or(1.0, |b| b.median_by(RunResult::cpu_per_connection_us).0);
-        let workers = self
-            .arms
-            .first()
-            .and_then(|a| a.runs.first())
-            .map_or(1, |r| r.per_worker.len().max(1));
+        let workers = self.cpus.max(1);
         let mut out = String::new();
-        let _ = writeln!(out, "Machine: {}. Date: {}.\n", self.machine, self.date);
+        let _ = writeln!(
+            out,
+            "Machine: {}. Date: {}. {} workers per arm, {} client threads.\n",
+            self.machine, self.date, workers, workers
+        );
         let _ = writeln!(out, "Plan: {}.\n", self.plan);
         let incoming_cpu = self
             .incoming_cpu()
             .map_or(1.0, |b| b.median_by(RunResult::cpu_per_connection_us).0);
         out.push_str("| arm | new conn/s, median (min–max) | × arm 2 | CPU µs/conn | × arm 2 | × arm 3 | locality | CV | max/min | connect p50 / p99 µs | TTFB p50 / p99 µs | program ns/selection (− floor) | controller CPU, median | failed |\n");
         out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-        for a in &self.arms {
+        for a in self.arms.iter().filter(|a| !a.nginx) {
             let (rate, lo, hi) = a.median_by(RunResult::rate);
             let (cpu, _, _) = a.median_by(RunResult::cpu_per_connection_us);
-            let (loc, _, _) = a.median_by(RunResult::locality);
+            let loc = a
+                .locality()
+                .map_or("–".into(), |l| format!("{:.1} %", l * 100.0));
             let (cv, _, _) = a.median_by(|r| r.evenness(workers).0);
             let (mm, _, _) = a.median_by(|r| r.evenness(workers).1);
             let last = a.runs.last();
@@ -174,7 +200,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.2} | {:.2} | {:.1} % | {:.3} | {:.2} | {} / {} | {} / {} | {} | {} | {} |",
+                "| {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.2} | {:.2} | {} | {:.3} | {:.2} | {} / {} | {} / {} | {} | {} | {} |",
                 a.name,
                 rate,
                 lo,
@@ -183,7 +209,7 @@ impl Report {
                 cpu,
                 cpu / base_cpu.max(1e-9),
                 cpu / incoming_cpu.max(1e-9),
-                loc * 100.0,
+                loc,
                 cv,
                 mm,
                 q(last.map(|r| &r.connect), 0.5),
@@ -197,7 +223,7 @@ impl Report {
         }
         out.push_str("\n| arm | stopped worker: first byte > 1 s | timed out | failed | killed workers: failed connections | policy switches: failed | controller kill -9 + restart: failed | controller upgrades: failed |\n");
         out.push_str("|---|---|---|---|---|---|---|---|\n");
-        for a in &self.arms {
+        for a in self.arms.iter().filter(|a| !a.nginx) {
             let s = a.stall;
             let _ = writeln!(
                 out,
@@ -220,6 +246,46 @@ impl Report {
         if !self.cost.is_empty() {
             out.push_str("\nController cost (sampling one group of loopback listeners; an idle controller of demo workers, no traffic):\n");
             out.push_str(&self.cost);
+        }
+        out.push_str(&self.nginx_markdown(workers));
+        out
+    }
+
+    /// The nginx arms: new connections per second by wrk and by the bench's client, and the
+    /// ratios to nginx's own shared socket (N1) and `reuseport` (N2).
+    fn nginx_markdown(&self, workers: usize) -> String {
+        let nginx: Vec<&ArmReport> = self.arms.iter().filter(|a| a.nginx).collect();
+        if nginx.is_empty() {
+            return String::new();
+        }
+        let base = |prefix: &str| nginx.iter().copied().find(|a| a.name.starts_with(prefix));
+        let (n1, n2) = (base("N1 "), base("N2 "));
+        let ratio = |x: f64, b: Option<&ArmReport>, f: fn(&ArmReport) -> f64| {
+            b.map(f)
+                .filter(|r| *r > 0.0)
+                .map_or("–".into(), |r| format!("{:.2}", x / r))
+        };
+        let wrk_med = |a: &ArmReport| a.wrk_rate().0;
+        let ours_med = |a: &ArmReport| a.median_by(RunResult::rate).0;
+        let mut out = String::from(
+            "\n| nginx arm | wrk new conn/s, median (min–max) | × N1 | × N2 | our client new conn/s, median (min–max) | × N1 | × N2 | CV over nginx workers (our client) | wrk socket errors / non-2xx | our client failed |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for a in &nginx {
+            let (w, wlo, whi) = a.wrk_rate();
+            let (o, olo, ohi) = a.median_by(RunResult::rate);
+            let (cv, _, _) = a.median_by(|r| r.evenness(workers).0);
+            let _ = writeln!(
+                out,
+                "| {} | {w:.0} ({wlo:.0}–{whi:.0}) | {} | {} | {o:.0} ({olo:.0}–{ohi:.0}) | {} | {} | {cv:.3} | {} / {} | {} |",
+                a.name,
+                ratio(w, n1, wrk_med),
+                ratio(w, n2, wrk_med),
+                ratio(o, n1, ours_med),
+                ratio(o, n2, ours_med),
+                a.wrk.iter().map(|r| r.errors).sum::<u64>(),
+                a.wrk.iter().map(|r| r.non_2xx).sum::<u64>(),
+                a.runs.iter().map(|r| r.failed).sum::<u64>(),
+            );
         }
         out
     }
@@ -246,6 +312,7 @@ impl Report {
                     .collect(),
                 locality: a.runs.iter().map(RunResult::locality).collect(),
                 failed: a.runs.iter().map(|r| r.failed).collect(),
+                wrk: &a.wrk,
                 program_ns_per_selection: a.program_ns,
                 stopped_worker: a.stall,
                 killed_workers: a.kill,
@@ -330,8 +397,9 @@ impl Report {
             "# Performance\n\n\
 The latest `cargo xtask bench` run, written by the benchmark itself. Every arm serves the same \
 demo worker (`balancer demo-worker`) with one worker per CPU, measured by the same client (one \
-closed-loop thread per CPU, pinned, each from its own 127.0.0.x source address; the server \
-closes first), arms interleaved run by run.\n\n\
+closed-loop thread per CPU, pinned, each from its own 127.x.y.z source address, one request per \
+connection; the server closes first), arms interleaved run by run. The bench counts the CPUs \
+of the machine it runs on: the same command on a many-core host gives that host's table.\n\n\
 Arms: 1, one listening socket shared by every worker; 2, `SO_REUSEPORT` with the kernel's hash \
 (the reference for the ratios); 3, `SO_REUSEPORT` with `SO_INCOMING_CPU` set per listener and \
 workers pinned to their CPU; 4–6, balancer with each policy (`cpu` with `--pin-workers`); 7, \
@@ -351,7 +419,16 @@ with it, so what was queued on it is reset); *policy switches*, balancer's polic
 every 300 ms under load. A killed worker also loses the connections it had already accepted, \
 in every arm. balancer backs off respawning a worker that keeps dying within 10 s of its start \
 (100 ms, doubling), so under kills every 300 ms its slots stay down longer than a plain \
-master's instant restart: it serves fewer connections in that scenario, and fails fewer.\n\n{}\n\
+master's instant restart: it serves fewer connections in that scenario, and fails fewer.\n\n\
+nginx arms (the last table): nginx as the server, one nginx worker process per CPU in every \
+arm. N1, plain nginx, `worker_processes N` and one `listen` (a socket shared by every worker); \
+N2, the same with `listen … reuseport` (nginx's own `SO_REUSEPORT`, a socket per worker); N3 \
+and N4, `balancer run --socket-protocol nginx --stop-signal QUIT --workers N -- nginx -c CONF` \
+with policy `cpu` (`--pin-workers`) and `hash`, each slot one nginx master with \
+`worker_processes 1`. The configuration is docs/workers.md's (daemon off, master process on, \
+`return 200 \"pid=$pid\"`), with the access log off. Each run is measured by the bench's \
+client and then, on the same server, by `wrk -t N -c 4N -H \"Connection: close\"` (a new \
+connection per request); ratios are to N1 and N2. No fault scenarios run on these arms.\n\n{}\n\
 Charts: [throughput]({rel}/throughput.svg), [CPU per connection]({rel}/cpu.svg); raw figures \
 in [{rel}/results.json]({rel}/results.json).\n\n\
 ## Reproduce\n\n```sh\ncargo xtask bench          # five runs per arm, several minutes\n\
@@ -376,7 +453,18 @@ It builds the release binaries, runs the benchmark as root (through sudo when ne
                     a.name
                 );
             }
-            if a.name.ends_with("balancer cpu") {
+            if a.nginx {
+                let requests: u64 = a.wrk.iter().map(|r| r.requests).sum();
+                let errors: u64 = a.wrk.iter().map(|r| r.errors + r.non_2xx).sum();
+                if requests == 0 || errors > 0 {
+                    bail!(
+                        "{}: wrk made {requests} requests, {errors} failed (socket errors or not 2xx) without any fault",
+                        a.name
+                    );
+                }
+            }
+            // The demo worker's cpu arm: every answer says where it was handled.
+            if !a.nginx && a.name.ends_with("balancer cpu") {
                 let local: u64 = a.runs.iter().map(|r| r.local).sum();
                 if local != served {
                     bail!(

@@ -65,8 +65,9 @@ enum Task {
     /// Build the Debian package: the release binary with the eBPF object, man pages, shell
     /// completions and the systemd unit, as target/dist/balancer_<version>_<arch>.deb.
     Dist,
-    /// Benchmark balancer against the setups users would pick instead; writes
-    /// bench/results/<date>/ and docs/performance.md.
+    /// Benchmark balancer against the setups users would pick instead, with the demo worker
+    /// and with nginx (measured by wrk too); writes bench/results/<date>/ and
+    /// docs/performance.md.
     Bench {
         /// About one minute: one run per arm, short scenarios.
         #[arg(long)]
