@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use balancer_bench::process::{kill_tagged, new_tag, TAG_VAR};
+use balancer_bench::process::{alive, kill_tagged, new_tag, tagged_pids, TAG_VAR};
 
 use crate::nginx;
 
@@ -108,6 +108,17 @@ impl Drop for Cleanup {
 }
 
 fn clean(tag: &str, scratch: &std::path::Path) {
+    // SIGTERM first: a controller that stops in order removes its group's record and pins,
+    // which a SIGKILLed one leaves behind for adoption. Then SIGKILL whatever is left.
+    let running = tagged_pids(tag);
+    for &pid in &running {
+        // SAFETY: kill(2) on a process carrying the bench's tag.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while running.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let tagged = kill_tagged(tag);
     let swept = nginx::sweep(scratch);
     if tagged + swept > 0 {
