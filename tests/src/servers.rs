@@ -177,10 +177,16 @@ impl ServerRun {
 
     /// The processes running from this server's directory.
     pub fn processes(&self) -> Vec<u32> {
-        let needle = self.dir.to_string_lossy().into_owned();
+        // The directory itself or a path under it: a directory whose name only starts the
+        // same is another test's.
+        let dir = self.dir.to_string_lossy().trim_end_matches('/').to_owned();
+        let under = format!("{dir}/");
         pids_where(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .split('\0')
+                    .any(|arg| arg == dir || arg.contains(&under))
+            })
         })
     }
 }
