@@ -451,9 +451,11 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool) -> Result<()> {
+/// The eBPF object, then release builds of the controller and the bench crate's binaries
+/// (the benchmark, the soak); returns the object's path.
+fn build_release_tools(what: &str) -> Result<PathBuf> {
     let object = build_ebpf()?;
-    step("building the release controller and the benchmark");
+    step(&format!("building the release controller and {what}"));
     sh(cargo_with_object(&object).args([
         "build",
         "--release",
@@ -462,6 +464,11 @@ fn bench(quick: bool) -> Result<()> {
         "-p",
         "balancer-bench",
     ]))?;
+    Ok(object)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    let object = build_release_tools("the benchmark")?;
     let binary = target_dir().join("release").join("balancer");
     let mode: &[&str] = if quick {
         &["--quick", "--out"]

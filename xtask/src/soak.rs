@@ -3,7 +3,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Result};
 
-use crate::{build_ebpf, cargo_with_object, is_root, root_dir, sh, step, target_dir};
+use crate::{build_release_tools, cargo_with_object, is_root, root_dir, sh, target_dir};
 
 /// The length of the pass in `cargo xtask test`: every kind of event at least once.
 const TEST_SECONDS: &str = "20";
@@ -24,16 +24,7 @@ pub(crate) fn as_root(binary: &Path, what: &str) -> Result<Command> {
 /// `cargo xtask soak`: release builds, then the soak, its table written to
 /// bench/results/<date>/soak.md.
 pub(crate) fn run(seconds: u64, seed: Option<u64>, json: bool) -> Result<()> {
-    let object = build_ebpf()?;
-    step("building the release controller and the soak");
-    sh(cargo_with_object(&object).args([
-        "build",
-        "--release",
-        "-p",
-        "balancer",
-        "-p",
-        "balancer-bench",
-    ]))?;
+    build_release_tools("the soak")?;
     let release = target_dir().join("release");
     let mut cmd = as_root(&release.join("balancer-soak"), "the soak")?;
     cmd.arg("--balancer")
