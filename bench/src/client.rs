@@ -184,7 +184,6 @@ pub enum Fate {
 /// earlier ones were answered, each with a hard `deadline`, all from one thread (poll(2)).
 /// Bounded: at most `rate × duration` connections, and it returns by `duration + deadline`.
 pub fn open_loop(addr: SocketAddr, rate: u32, duration: Duration, deadline: Duration) -> Vec<Fate> {
-    use std::os::fd::AsRawFd;
     struct Pending {
         stream: TcpStream,
         t0: Instant,
@@ -213,21 +212,12 @@ pub fn open_loop(addr: SocketAddr, rate: u32, duration: Duration, deadline: Dura
             }
             sent += 1;
         }
-        let mut fds: Vec<libc::pollfd> = pending
-            .iter()
-            .map(|p| libc::pollfd {
-                fd: p.stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: fds is a valid array of pollfd for the length given.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+        let ready = poll_readable(pending.iter().map(|p| &p.stream));
         let now = Instant::now();
         let mut keep = Vec::with_capacity(pending.len());
-        for (mut p, fd) in pending.into_iter().zip(&fds) {
+        for (mut p, readable) in pending.into_iter().zip(ready) {
             let mut done = None;
-            if fd.revents != 0 {
+            if readable {
                 match p.stream.read(&mut buf) {
                     Ok(0) => done = Some(p.first.map_or(Fate::Failed, Fate::Answered)),
                     Ok(_) => {
@@ -271,6 +261,21 @@ pub fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// Waits up to 1 ms for any of `streams` to be readable; says which are (in order).
+pub fn poll_readable<'a>(streams: impl Iterator<Item = &'a TcpStream>) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let mut fds: Vec<libc::pollfd> = streams
+        .map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: fds is a valid array of pollfd for the length given.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+    fds.iter().map(|fd| fd.revents != 0).collect()
 }
 
 #[cfg(test)]

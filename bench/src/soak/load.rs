@@ -5,7 +5,6 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -16,7 +15,7 @@ use std::{
 
 use socket2::{Domain, Socket, Type};
 
-use balancer_bench::client::{parse_answer, raise_fd_limit, REQUEST};
+use balancer_bench::client::{parse_answer, poll_readable, raise_fd_limit, REQUEST};
 
 use crate::attribution::{Failure, Why};
 
@@ -214,20 +213,11 @@ fn open_loop(addr: SocketAddr, rate: u32, duration: Duration, tally: &Tally) {
                 text: Vec::new(),
             });
         }
-        let mut fds: Vec<libc::pollfd> = pending
-            .iter()
-            .map(|p| libc::pollfd {
-                fd: p.stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: fds is a valid array of pollfd for the length given.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+        let ready = poll_readable(pending.iter().map(|p| &p.stream));
         let mut keep = Vec::with_capacity(pending.len());
-        for (mut p, fd) in pending.into_iter().zip(&fds) {
+        for (mut p, readable) in pending.into_iter().zip(ready) {
             let mut done = false;
-            if fd.revents != 0 {
+            if readable {
                 match p.stream.read(&mut buf) {
                     Ok(0) => {
                         done = true;
